@@ -1,0 +1,1 @@
+"""The Gradio demo, built over a serving backend."""

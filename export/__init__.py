@@ -1,0 +1,1 @@
+"""supmae-export: ONNX, quantised ONNX, TensorRT engines, Triton repositories, timm weights."""

@@ -1,0 +1,1 @@
+"""Serving backends (torch, onnxruntime, tensorrt) behind one protocol."""

@@ -1,0 +1,39 @@
+"""The SupMAE model and the checkpoint contract. Imports only torch, timm, numpy and safetensors."""
+
+from .checkpoint import (
+    CheckpointError,
+    ModelCard,
+    Preprocessing,
+    import_official,
+    load_checkpoint,
+    load_model_card,
+    save_checkpoint,
+    save_timm,
+    timm_model_args,
+    timm_state_dict,
+)
+from .supmae import FRAMEWORKS, Features, ModelConfig, Reconstruction, SupMAE, SupMAEOutput, count_parameters
+from .variants import VARIANTS, create_model, model_config
+
+__all__ = [
+    "FRAMEWORKS",
+    "VARIANTS",
+    "CheckpointError",
+    "Features",
+    "ModelCard",
+    "ModelConfig",
+    "Preprocessing",
+    "Reconstruction",
+    "SupMAE",
+    "SupMAEOutput",
+    "count_parameters",
+    "create_model",
+    "import_official",
+    "load_checkpoint",
+    "load_model_card",
+    "model_config",
+    "save_checkpoint",
+    "save_timm",
+    "timm_model_args",
+    "timm_state_dict",
+]

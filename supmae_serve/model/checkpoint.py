@@ -1,0 +1,395 @@
+"""The checkpoint contract: `model.safetensors` + `model.json` (the model card).
+
+Every consumer (evaluation, export, every serving backend, the demo) reads a checkpoint through
+`load_checkpoint`. Loading never unpickles arbitrary objects: weights come from safetensors, and the
+official `.pth` releases are read only with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .supmae import ModelConfig, SupMAE
+from .variants import TIMM_NAMES, VARIANTS, size_of
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "model.json"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit its model card; the message says what."""
+
+
+@dataclass
+class Preprocessing:
+    """How an image becomes model input; `supmae_serve.preprocess` applies it."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"  # bicubic | bilinear | nearest
+    crop_pct: float = 0.875  # resize the short side to image_size / crop_pct, then centre-crop
+
+    def __post_init__(self) -> None:
+        self.mean = tuple(float(v) for v in self.mean)
+        self.std = tuple(float(v) for v in self.std)
+        if self.interpolation not in ("bicubic", "bilinear", "nearest"):
+            raise CheckpointError(f"unknown interpolation {self.interpolation!r}")
+        if not 0 < self.crop_pct <= 1:
+            raise CheckpointError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise CheckpointError(f"mean/std must be 3 values with std > 0, got {self.mean} / {self.std}")
+
+    @classmethod
+    def for_size(cls, image_size: int) -> Preprocessing:
+        # small images (CIFAR) are used whole; ImageNet-size ones use the usual 0.875 centre crop
+        return cls(image_size=image_size, crop_pct=1.0 if image_size <= 64 else 0.875)
+
+
+@dataclass
+class ModelCard:
+    """The JSON beside the weights. Unknown keys are kept (forward compatible) under `extra`."""
+
+    config: ModelConfig
+    variant: str | None = None
+    class_names: list[str] | None = None
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    training: dict[str, Any] = field(default_factory=dict)  # data, recipe, command, epochs, ...
+    metrics: dict[str, Any] = field(default_factory=dict)
+    software: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    dtype: str = "float32"
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def framework(self) -> str:
+        return self.config.framework
+
+    @property
+    def capabilities(self) -> dict[str, bool]:
+        return {"embed": True, "classify": self.config.has_head, "reconstruct": self.config.has_decoder}
+
+    def to_dict(self) -> dict:
+        d = {
+            "format_version": self.format_version,
+            "variant": self.variant,
+            "framework": self.framework,
+            "model_config": self.config.to_dict(),
+            "class_names": self.class_names,
+            "preprocessing": asdict(self.preprocessing),
+            "capabilities": self.capabilities,
+            "training": self.training,
+            "metrics": self.metrics,
+            "software": self.software,
+            "created": self.created,
+            "dtype": self.dtype,
+        }
+        d.update(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "model card") -> ModelCard:
+        d = dict(d)
+        version = d.pop("format_version", None)
+        if version is None or not isinstance(version, int):
+            raise CheckpointError(f"{source}: missing or invalid 'format_version'")
+        if version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{source}: format_version {version} is newer than this supmae understands ({FORMAT_VERSION}); upgrade supmae"
+            )
+        if "model_config" not in d:
+            raise CheckpointError(f"{source}: missing 'model_config'")
+        try:
+            config = ModelConfig.from_dict(d.pop("model_config"))
+            prep = Preprocessing(**d.pop("preprocessing", {}) or {})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: {e}") from e
+        framework = d.pop("framework", config.framework)
+        if framework != config.framework:
+            raise CheckpointError(
+                f"{source}: framework {framework!r} disagrees with model_config {config.framework!r}"
+            )
+        d.pop("capabilities", None)  # derived
+        class_names = d.pop("class_names", None)
+        if class_names is not None and config.has_head and len(class_names) != config.num_classes:
+            raise CheckpointError(
+                f"{source}: {len(class_names)} class names for a head with {config.num_classes} classes"
+            )
+        known = {"variant", "training", "metrics", "software", "created", "dtype"}
+        kwargs = {k: d.pop(k) for k in list(d) if k in known}
+        return cls(
+            config=config,
+            class_names=class_names,
+            preprocessing=prep,
+            format_version=version,
+            extra=d,
+            **kwargs,
+        )
+
+
+def software_versions() -> dict[str, str]:
+    import timm
+
+    from supmae_serve import __version__
+
+    return {"supmae": __version__, "torch": torch.__version__, "timm": timm.__version__}
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(
+    model: SupMAE,
+    path: str | os.PathLike,
+    *,
+    variant: str | None = None,
+    class_names: list[str] | None = None,
+    preprocessing: Preprocessing | None = None,
+    training: dict | None = None,
+    metrics: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    card: ModelCard | None = None,
+) -> ModelCard:
+    """Write `path/model.safetensors` and `path/model.json` atomically; returns the card written.
+
+    `dtype=torch.float16` halves the file (floating tensors only; BatchNorm counters stay integer).
+    """
+    out = Path(path)
+    if card is None:
+        card = ModelCard(
+            config=model.config,
+            variant=variant,
+            class_names=class_names,
+            preprocessing=preprocessing or Preprocessing.for_size(model.config.img_size),
+            training=training or {},
+            metrics=metrics or {},
+        )
+    card.software = software_versions()
+    card.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    card.dtype = str(dtype).replace("torch.", "")
+    ModelCard.from_dict(card.to_dict())  # validate before writing anything
+    state = {
+        k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    text = json.dumps(card.to_dict(), indent=2, sort_keys=False) + "\n"
+    _atomic_write(out / CARD_NAME, lambda tmp: Path(tmp).write_text(text))
+    return card
+
+
+def _resolve(path: str | os.PathLike) -> tuple[Path, Path]:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(
+            f"{p}: checkpoint not found (expected a folder with {WEIGHTS_NAME} and {CARD_NAME})"
+        )
+    if p.is_dir():
+        return p / WEIGHTS_NAME, p / CARD_NAME
+    if p.suffix == ".safetensors":
+        return p, p.with_suffix(".json") if p.with_suffix(".json").exists() else p.with_name(CARD_NAME)
+    if p.suffix == ".json":
+        return p.with_name(WEIGHTS_NAME), p
+    raise CheckpointError(f"{p}: expected a checkpoint folder, a .safetensors file or a model.json")
+
+
+def load_model_card(path: str | os.PathLike) -> ModelCard:
+    _, card_path = _resolve(path)
+    if not card_path.exists():
+        raise CheckpointError(
+            f"{card_path}: model card not found (a checkpoint is model.safetensors + model.json)"
+        )
+    try:
+        data = json.loads(card_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{card_path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{card_path}: expected a JSON object")
+    return ModelCard.from_dict(data, source=str(card_path))
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path}: cannot read weights (truncated or corrupt safetensors file: {e})"
+        ) from e
+
+
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming every missing, unexpected and mis-shaped tensor."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors: {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensors: {_short(unexpected)}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches: {_short(shapes)}")
+    if problems:
+        raise CheckpointError(
+            f"{source}: weights do not match the model card's model: " + "; ".join(problems)
+        )
+
+
+def _short(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[SupMAE, ModelCard]:
+    """Load a checkpoint folder (or its .safetensors / model.json) -> (model in eval mode, card).
+
+    Weights are cast to float32 unless `dtype` is given (fp16 files are upcast for CPU serving)."""
+    weights_path, _ = _resolve(path)
+    card = load_model_card(path)
+    state = _read_safetensors(weights_path)
+    model = SupMAE(card.config)
+    check_state_dict(model, state, str(weights_path))
+    target = dtype or torch.float32
+    state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+    model.to(device=device, dtype=target).eval()
+    return model, card
+
+
+# ---------------------------------------------------------------------------- official checkpoints
+_ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "fc_norm.")
+
+
+def convert_official_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map the official SupMAE/MAE pretraining layout onto ours.
+
+    Official: encoder tensors at the top level (`blocks.0...`, `norm.weight`), decoder as ours, and the
+    classification head as `cls_head.*` in the code but `projection_head.*` in the released checkpoint.
+    """
+    if "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    out = {}
+    for k, v in state.items():
+        k = k.removeprefix("module.")
+        if k.startswith("projection_head."):
+            k = "cls_head." + k.removeprefix("projection_head.")
+        if k.startswith(_ENCODER_PREFIXES):
+            k = "encoder." + k
+        out[k] = v
+    return out
+
+
+def import_official(
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    variant: str = "base_patch16_224",
+    **overrides,
+) -> SupMAE:
+    """Build our model from an official SupMAE/MAE pretraining checkpoint (.pth or state dict).
+
+    The framework is inferred (a classification head present -> supmae, else mae) unless given, and the
+    head's width and class count come from the weights."""
+    if isinstance(source, Mapping):
+        raw = source
+    else:
+        try:
+            raw = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure here means "not a loadable checkpoint"
+            raise CheckpointError(f"{source}: cannot read as a weights-only PyTorch checkpoint ({e})") from e
+    state = convert_official_state_dict(raw)
+    has_head = any(k.startswith("cls_head.") for k in state)
+    cfg = {"framework": "supmae" if has_head else "mae"}
+    if has_head:
+        if (
+            "cls_head.0.weight" in state
+            and state["cls_head.0.weight"].ndim == 2
+            and "cls_head.3.weight" in state
+        ):
+            cfg["cls_hidden_dim"] = state["cls_head.0.weight"].shape[0]
+            cfg["num_classes"] = state["cls_head.3.weight"].shape[0]
+        elif "cls_head.weight" in state:
+            cfg["cls_hidden_dim"] = 0
+            cfg["num_classes"] = state["cls_head.weight"].shape[0]
+    if "decoder_blocks.0.norm1.weight" in state:
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("decoder_blocks."))
+        cfg["decoder_depth"] = depth
+        cfg["decoder_embed_dim"] = state["decoder_embed.weight"].shape[0]
+    cfg.update(overrides)
+    from .variants import model_config
+
+    model = SupMAE(model_config(variant, **cfg))
+    check_state_dict(model, state, str(source) if not isinstance(source, Mapping) else "state dict")
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- timm interop
+def timm_model_args(config: ModelConfig, variant: str | None = None) -> tuple[str, dict]:
+    """(timm architecture name, kwargs) that build a timm VisionTransformer shaped like our encoder."""
+    size = size_of(variant) if variant and variant in VARIANTS else None
+    name = TIMM_NAMES.get(size or "", "vit_base_patch16_224")
+    kwargs = dict(
+        img_size=config.img_size,
+        patch_size=config.patch_size,
+        embed_dim=config.embed_dim,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        mlp_ratio=config.mlp_ratio,
+        num_classes=config.num_classes if config.framework == "finetuned" else 0,
+        global_pool="avg" if config.cls_pool == "avg" or config.framework == "finetuned" else "token",
+        fc_norm=config.framework == "finetuned",
+    )
+    return name, kwargs
+
+
+def timm_state_dict(model: SupMAE) -> dict[str, torch.Tensor]:
+    """The encoder's weights under timm's names (plus `head.*` for a fine-tuned model's linear head)."""
+    state = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+    if model.config.framework == "finetuned":
+        state.update({f"head.{k}": v.detach().clone() for k, v in model.cls_head.state_dict().items()})
+    return state
+
+
+def save_timm(model: SupMAE, path: str | os.PathLike) -> Path:
+    """Write the encoder as a timm-loadable safetensors file:
+    `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)`
+    with (name, kwargs) from `timm_model_args`."""
+    p = Path(path)
+    state = {k: v.contiguous() for k, v in timm_state_dict(model).items()}
+    _atomic_write(p, lambda tmp: save_file(state, tmp))
+    return p

@@ -1,0 +1,1 @@
+"""supmae-train and supmae-eval: pretraining, fine-tuning, linear probing and evaluation."""
