@@ -72,6 +72,16 @@ def random_masking(
     return ids_keep, mask, ids_restore
 
 
+def seeded_keep_indices(num_patches: int, mask_ratio: float, seeds: list[int]) -> torch.Tensor:
+    """(N, K) kept patch indices where row i depends only on seeds[i] (not on batch position).
+
+    The one definition of "the mask for seed s", shared by `SupMAE.reconstruct` and every backend."""
+    noise = torch.stack(
+        [torch.rand(num_patches, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    )
+    return random_masking(len(seeds), num_patches, mask_ratio, noise=noise)[0]
+
+
 def mask_from_keep(ids_keep: torch.Tensor, num_patches: int) -> torch.Tensor:
     """(N, K) kept indices -> (N, L) float mask, 0 = keep, 1 = remove."""
     mask = torch.ones(ids_keep.shape[0], num_patches, device=ids_keep.device)

@@ -37,6 +37,7 @@ from .masking import (
     patchify,
     random_masking,
     scatter_tokens,
+    seeded_keep_indices,
     sincos_pos_embed_2d,
     unpatchify,
 )
@@ -377,10 +378,7 @@ class SupMAE(nn.Module):
         seeds = [int(seed)] * n if isinstance(seed, int) else [int(s) for s in seed]
         if len(seeds) != n:
             raise ValueError(f"got {len(seeds)} seeds for {n} images")
-        noise = torch.stack(
-            [torch.rand(self.num_patches, generator=torch.Generator().manual_seed(s)) for s in seeds]
-        )
-        ids_keep, _, _ = random_masking(n, self.num_patches, ratio, imgs.device, noise=noise)
+        ids_keep = seeded_keep_indices(self.num_patches, ratio, seeds).to(imgs.device)
         return self.reconstruct_with_keep(imgs, ids_keep)
 
     # ------------------------------------------------------------------ optimiser helpers
