@@ -110,21 +110,48 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
         raise ImageError(f"corrupt or truncated image data: {e}", 422, "corrupt_image") from e
 
 
-def resize_crop(img: Image.Image, prep: Preprocessing) -> Image.Image:
-    """Resize the short side to image_size / crop_pct, then centre-crop image_size x image_size."""
+def resize_plan(w: int, h: int, prep: Preprocessing) -> tuple[int, int, int, int]:
+    """(resized width, resized height, crop left, crop top) that `resize_crop` uses for a w x h image."""
     size = prep.image_size
     scale_size = int(round(size / prep.crop_pct))
-    w, h = img.size
     if w <= h:
         nw, nh = scale_size, max(scale_size, int(round(h * scale_size / w)))
     else:
         nw, nh = max(scale_size, int(round(w * scale_size / h))), scale_size
+    return nw, nh, (nw - size) // 2, (nh - size) // 2
+
+
+def resize_crop(img: Image.Image, prep: Preprocessing) -> Image.Image:
+    """Resize the short side to image_size / crop_pct, then centre-crop image_size x image_size."""
+    size = prep.image_size
+    w, h = img.size
+    nw, nh, left, top = resize_plan(w, h, prep)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), _RESAMPLE[prep.interpolation])
-    left, top = (nw - size) // 2, (nh - size) // 2
     if (nw, nh) != (size, size):
         img = img.crop((left, top, left + size, top + size))
     return img
+
+
+def uint8_to_input(x: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """uint8 (3, H, W) on any device (e.g. a JPEG decoded on the GPU by nvjpeg) -> normalised (3, S, S) float32
+    on that device, with the same resize plan as `resize_crop`. torch's antialiased bicubic/bilinear follows
+    PIL's filters closely but not bit-exactly (differences of about one grey level)."""
+    size = prep.image_size
+    _, h, w = x.shape
+    nw, nh, left, top = resize_plan(w, h, prep)
+    y = x.unsqueeze(0).float()  # (1, 3, H, W) in [0, 255]
+    if (nw, nh) != (w, h):
+        mode = prep.interpolation
+        y = torch.nn.functional.interpolate(
+            y,
+            size=(nh, nw),
+            mode=mode,
+            antialias=mode != "nearest",
+            align_corners=False if mode != "nearest" else None,
+        ).clamp_(0, 255)
+    y = y[:, :, top : top + size, left : left + size]  # (1, 3, S, S)
+    return normalize(y.round_() / 255.0, prep)[0]
 
 
 def _stats(prep: Preprocessing, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,10 @@ class CapabilityError(ValueError):
     """The model cannot do what was asked (e.g. reconstruct without a decoder)."""
 
 
+class BackendError(RuntimeError):
+    """A backend that cannot be created here (missing runtime, artefact or device); the message says what."""
+
+
 @dataclass
 class EmbedOutput:
     embedding: np.ndarray  # (N, D) for avg/cls pooling, (N, L, D) for pooling="patch"; float32
@@ -78,6 +82,64 @@ def require(card: ModelCard, capability: str) -> None:
             f"this model ({card.framework}) cannot {capability}; its capabilities are "
             + ", ".join(k for k, v in card.capabilities.items() if v)
         )
+
+
+def check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+
+
+def pooling_source(card: ModelCard, pooling: str) -> str:
+    """Which encoder output a pooling reads: "embedding", "cls_token" or "patch_tokens"."""
+    check_pooling(pooling)
+    if pooling == "patch":
+        return "patch_tokens"
+    if pooling == card.config.cls_pool:
+        return "embedding"  # the model's own pooled output (keeps a fine-tuned model's fc_norm)
+    return "patch_tokens" if pooling == "avg" else "cls_token"
+
+
+def pool_features(
+    card: ModelCard,
+    pooling: str,
+    embedding: np.ndarray | None,
+    cls_token: np.ndarray | None,
+    patch_tokens: np.ndarray | None,
+) -> np.ndarray:
+    """The one rule for embedding pooling, shared by every backend (the model's Features / the exported
+    encoder's outputs in, float32 out; only the output `pooling_source` names needs to be given).
+
+    avg:   mean of the patch tokens (the model's own `embedding` when it pools by average, so fine-tuned
+           models keep their fc_norm); cls: the cls token (likewise); patch: every patch token (N, L, D).
+    """
+    source = pooling_source(card, pooling)
+    arrays = {"embedding": embedding, "cls_token": cls_token, "patch_tokens": patch_tokens}
+    x = arrays[source]
+    if x is None:
+        raise ValueError(f"pooling {pooling!r} needs the encoder output {source!r}")
+    if source == "patch_tokens" and pooling == "avg":
+        x = x.mean(axis=1)  # (N, L, D) -> (N, D)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def probs_from_logits(card: ModelCard, logits: np.ndarray) -> np.ndarray:
+    """softmax(logits / T): masked frameworks train their head with CE(logits / T, y) (T = cls_temperature,
+    10 in the official code), so that is the distribution the head learned; other frameworks use T = 1."""
+    t = card.config.cls_temperature if card.framework in ("supmae", "mae", "simmim") else 1.0
+    z = logits.astype(np.float64) / t
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def resolve_device(device: str) -> torch.device:
+    """ "auto" -> cuda if available else cpu; a CUDA device that is not there is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+    return dev
 
 
 def top_k(probs: np.ndarray, labels: list[str], k: int) -> list[list[tuple[str, float]]]:

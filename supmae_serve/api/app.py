@@ -1,0 +1,122 @@
+"""The app factory: `create_app(settings)` wires settings -> service -> routes, middleware and the demo.
+
+The model card is read here (cheap, and a missing model fails at once with a clear message); the weights
+are loaded in the lifespan, off the event loop, and the batcher drains on shutdown. `app_from_env` is the
+factory uvicorn workers import (`uvicorn --factory supmae_serve.api.app:app_from_env`).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from supmae_serve import __version__
+from supmae_serve.backends.base import Backend
+from supmae_serve.backends.registry import check_model_path
+from supmae_serve.model import load_model_card
+from supmae_serve.settings import Settings
+
+from .errors import install_error_handlers
+from .metrics import MetricsMiddleware
+from .routes import aliases, health, v1
+from .service import InferenceService
+
+log = logging.getLogger("supmae.api")
+
+DESCRIPTION = """
+Embeddings, classification and masked reconstruction from a SupMAE vision transformer.
+
+Send images as multipart files (several per request), a raw `image/*` body, or JSON
+`{"images": ["<base64 or data URI>", ...]}`; options go in the query string, form fields or JSON keys.
+Each input gets one result, in order; an unusable image fails only its own item (with status, code, message).
+"""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    service: InferenceService = app.state.service
+    await service.start()
+    try:
+        yield
+    finally:
+        await service.stop()
+
+
+def _card_path(model: Path) -> Path:
+    return model / "model.json" if model.is_dir() else model
+
+
+def mount_demo(app: FastAPI, service: InferenceService) -> bool:
+    """Mount the Gradio demo at /demo over the batched backend; warn (never fail) when it cannot be."""
+    if service.settings.api_keys:
+        log.warning(
+            "API keys are set and the Gradio demo cannot check them: not mounting /demo "
+            "(run it separately with `python -m app`, or serve without --api-keys)"
+        )
+        return False
+    try:
+        from app.demo import mount_demo as _mount
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] == "gradio":
+            log.warning("the demo needs gradio: pip install 'supmae[demo]' (serving the API without /demo)")
+        else:
+            log.warning("the demo is not available (%s); serving the API without /demo", e)
+        return False
+    try:
+        _mount(app, service.facade(), path="/demo")
+    except ModuleNotFoundError as e:
+        log.warning(
+            "the demo needs gradio: pip install 'supmae[demo]' (%s); serving the API without /demo", e
+        )
+        return False
+    return True
+
+
+def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
+    """The FastAPI app. `backend` injects a ready backend (tests, embedding in another program); otherwise
+    `settings` say which one to build."""
+    settings = settings or Settings()
+    if backend is None:
+        check_model_path(settings.model)
+        card = load_model_card(_card_path(Path(settings.model)))
+    else:
+        card = backend.card
+    service = InferenceService(settings, card, backend)
+    app = FastAPI(
+        title="supmae-serve",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(health)
+    app.include_router(v1)
+    app.include_router(aliases)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=[
+                "Server-Timing",
+                "X-Queue-Time-Ms",
+                "X-Inference-Time-Ms",
+                "X-Total-Time-Ms",
+                "X-Request-ID",
+            ],
+        )
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics)
+    app.state.demo_mounted = mount_demo(app, service) if settings.demo else False
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Settings from the SUPMAE_* environment (what the CLI exports for worker processes)."""
+    return create_app(Settings())

@@ -1,0 +1,216 @@
+"""Reading images out of a request, in the three forms the API takes, under the request limits.
+
+- `multipart/form-data`: every file part is an image (any field name, several allowed), other fields are options;
+- `application/json`: `{"images": [...]}` (or `"image": ...`) where each item is base64, a data URI
+  (`data:image/png;base64,...`), `{"data": base64}` or `{"url": ...}`; other keys are options;
+- a raw body with `Content-Type: image/*` (or `application/octet-stream`): one image; options in the query.
+
+A problem with the request as a whole (too big, too many images, wrong content type, malformed JSON) is an
+`ApiError`; a problem with one image becomes that item's `ImageError` and the others carry on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from supmae_serve.preprocess import ImageError
+
+from .errors import ApiError
+
+ACCEPTED = "multipart/form-data (image files), application/json (base64 or data URIs) or an image/* body"
+IMAGE_KEYS = ("images", "image")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_images: int = 64
+
+
+@dataclass
+class RawImage:
+    data: bytes | None = None
+    url: str | None = None
+    error: ImageError | None = None
+    name: str | None = None  # file name or source, for messages
+
+
+@dataclass
+class ParsedRequest:
+    items: list[RawImage]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing with 413 as soon as it is known to exceed `limit` (Content-Length or streamed)."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise ApiError(
+            413,
+            "request_too_large",
+            f"request body is {length} bytes; the limit is {limit} bytes per request",
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(
+                413, "request_too_large", f"request body exceeds the limit of {limit} bytes per request"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_many(n: int, limits: RequestLimits) -> ApiError:
+    return ApiError(
+        413, "too_many_images", f"request has {n} images; the limit is {limits.max_images} images per request"
+    )
+
+
+def decode_base64(text: str, limits: RequestLimits, name: str) -> RawImage:
+    """base64 or a data URI -> bytes, checking the size before decoding anything."""
+    media = None
+    if text.startswith("data:"):
+        head, sep, text = text.partition(",")
+        if not sep or not head.endswith(";base64"):
+            return RawImage(
+                name=name,
+                error=ImageError(
+                    "a data URI must be data:<image type>;base64,<data>", 422, "invalid_data_uri"
+                ),
+            )
+        media = head[5:].split(";", 1)[0].strip().lower()
+        if media and not (media.startswith("image/") or media == "application/octet-stream"):
+            return RawImage(
+                name=name,
+                error=ImageError(
+                    f"data URI media type {media!r} is not an image (image/*)", 415, "unsupported_media_type"
+                ),
+            )
+    text = "".join(text.split())  # line breaks and spaces are common in pasted base64
+    if len(text) // 4 * 3 > limits.max_image_bytes:
+        return RawImage(
+            name=name,
+            error=ImageError(
+                f"base64 image decodes to about {len(text) // 4 * 3} bytes; the limit is {limits.max_image_bytes} bytes per image",
+                413,
+                "image_too_large",
+            ),
+        )
+    try:
+        data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        try:
+            data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        except (binascii.Error, ValueError):
+            return RawImage(
+                name=name, error=ImageError("not valid base64 (nor a data URI)", 422, "invalid_base64")
+            )
+    return RawImage(data=data, name=name)
+
+
+def _json_item(value: Any, index: int, limits: RequestLimits) -> RawImage:
+    name = f"images[{index}]"
+    if isinstance(value, dict):
+        if isinstance(value.get("url"), str):
+            return RawImage(url=value["url"], name=name)
+        for key in ("data", "base64", "b64"):
+            if isinstance(value.get(key), str):
+                return decode_base64(value[key], limits, name)
+        return RawImage(
+            name=name, error=ImageError("an image object needs 'data' (base64) or 'url'", 422, "invalid_item")
+        )
+    if isinstance(value, str):
+        if value.startswith(("http://", "https://")):
+            return RawImage(url=value, name=name)
+        return decode_base64(value, limits, name)
+    return RawImage(
+        name=name,
+        error=ImageError(
+            f"an image must be a base64 string, a data URI or an object, not {type(value).__name__}",
+            422,
+            "invalid_item",
+        ),
+    )
+
+
+async def parse_request(request: Request, limits: RequestLimits) -> ParsedRequest:
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media == "multipart/form-data":
+        return await _parse_multipart(request, limits)
+    if media == "application/json" or media.endswith("+json"):
+        return _parse_json(await read_body(request, limits.max_request_bytes), limits)
+    if media.startswith("image/") or media == "application/octet-stream":
+        body = await read_body(request, limits.max_request_bytes)
+        return ParsedRequest([RawImage(data=body, name="body")])
+    raise ApiError(
+        415, "unsupported_media_type", f"content type {media or '(none)'!r} is not accepted; send {ACCEPTED}"
+    )
+
+
+def _parse_json(body: bytes, limits: RequestLimits) -> ParsedRequest:
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(422, "invalid_json", f"request body is not valid JSON ({e})") from e
+    if isinstance(doc, list):
+        doc = {"images": doc}
+    if not isinstance(doc, dict):
+        raise ApiError(422, "invalid_json", 'expected a JSON object like {"images": ["<base64>", ...]}')
+    if "images" in doc:
+        raw = doc.pop("images")
+        doc.pop("image", None)
+        values = raw if isinstance(raw, list) else [raw]
+    elif "image" in doc:
+        values = [doc.pop("image")]
+    else:
+        raise ApiError(
+            422, "no_images", 'no images in the request: give "images": [<base64 or data URI>, ...]'
+        )
+    if len(values) > limits.max_images:
+        raise _too_many(len(values), limits)
+    return ParsedRequest([_json_item(v, i, limits) for i, v in enumerate(values)], options=doc)
+
+
+async def _parse_multipart(request: Request, limits: RequestLimits) -> ParsedRequest:
+    body = await read_body(request, limits.max_request_bytes)
+
+    async def stream():
+        yield body
+
+    parser = MultiPartParser(request.headers, stream(), max_files=limits.max_images, max_fields=100)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        if "files" in str(e).lower():
+            raise _too_many(limits.max_images + 1, limits) from e
+        raise ApiError(422, "invalid_multipart", f"malformed multipart body: {e}") from e
+    items, options = [], {}
+    try:
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                data = await value.read(limits.max_image_bytes + 1)
+                name = value.filename or key
+                if len(data) > limits.max_image_bytes:
+                    err = ImageError(
+                        f"file {name!r} is over the limit of {limits.max_image_bytes} bytes per image",
+                        413,
+                        "image_too_large",
+                    )
+                    items.append(RawImage(name=name, error=err))
+                else:
+                    items.append(RawImage(data=data, name=name))
+            else:
+                options[key] = value
+    finally:
+        await form.close()
+    return ParsedRequest(items, options)

@@ -1,0 +1,361 @@
+"""The routes: /v1/embed, /v1/classify, /v1/reconstruct, /v1/info (API key when configured) and the public
+/healthz, /readyz, /metrics. `/embed`, `/classify` and `/reconstruct` are aliases of the /v1 routes.
+
+Every inference route runs the same steps: parse the body (any of the three forms) -> validate options ->
+decode each image on the thread pool -> send the good ones through the batcher -> one result per input, in
+order, a failed image carrying its own status, code and message. The response status is 200 when at least one
+image succeeded, otherwise the items' shared status (422 when they differ).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import io
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+
+from supmae_serve import __version__
+from supmae_serve.backends.base import CapabilityError, check_pooling
+from supmae_serve.batching import BatcherClosedError, QueueFullError, RequestTimeout
+from supmae_serve.preprocess import ImageError, to_pil
+
+from .errors import ApiError
+from .inputs import parse_request
+from .schemas import (
+    ClassifyOptions,
+    ClassifyResponse,
+    EmbedOptions,
+    EmbedResponse,
+    ErrorResponse,
+    ReconstructOptions,
+    ReconstructResponse,
+    openapi_extra,
+)
+from .service import InferenceService, Reconstructed
+
+
+def get_service(request: Request) -> InferenceService:
+    return request.app.state.service
+
+
+Service = Annotated[InferenceService, Depends(get_service)]
+_bearer = HTTPBearer(auto_error=False, description="API key (when the server has SUPMAE_API_KEYS set)")
+
+
+async def require_api_key(
+    service: Service, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    keys = service.settings.api_keys
+    if not keys:
+        return
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None:
+        raise ApiError(
+            401,
+            "missing_api_key",
+            "this server needs an API key: send 'Authorization: Bearer <key>'",
+            challenge,
+        )
+    given = credentials.credentials.encode()
+    if not any(hmac.compare_digest(given, k.encode()) for k in keys):  # constant time, every key
+        raise ApiError(401, "invalid_api_key", "the API key is not valid", challenge)
+
+
+# ---------------------------------------------------------------------------- the shared pipeline
+def _options(model: type[BaseModel], request: Request, body_options: dict[str, Any]) -> BaseModel:
+    merged: dict[str, Any] = dict(request.query_params)
+    merged.update(body_options)
+    try:
+        return model(**merged)
+    except ValidationError as e:
+        text = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}" for err in e.errors())
+        raise ApiError(422, "invalid_option", f"invalid options: {text}") from e
+
+
+def _error_item(index: int, e: ImageError) -> dict:
+    return {"index": index, "error": {"status": e.status, "code": e.code, "message": str(e)}}
+
+
+def _status(items: list[dict]) -> int:
+    failed = [it["error"]["status"] for it in items if "error" in it]
+    if len(failed) < len(items):
+        return 200
+    return failed[0] if len(set(failed)) == 1 else 422
+
+
+async def _run(
+    request: Request,
+    service: InferenceService,
+    options_model: type[BaseModel],
+    capability: str,
+    make_key: Callable[[Any], tuple],
+    seed_of: Callable[[Any], int | None],
+    render: Callable[[Any, int, Any, torch.Tensor], Any],
+    header: Callable[[Any], dict],
+) -> JSONResponse:
+    parsed = await parse_request(request, service.request_limits)
+    opts = _options(options_model, request, parsed.options)
+    if not parsed.items:
+        raise ApiError(422, "no_images", "no images in the request")
+    if len(parsed.items) > service.request_limits.max_images:
+        raise ApiError(
+            413,
+            "too_many_images",
+            f"request has {len(parsed.items)} images; the limit is {service.request_limits.max_images} images per request",
+        )
+    try:
+        service.require(capability)
+    except CapabilityError as e:
+        raise ApiError(422, "capability_unavailable", str(e)) from e
+    key = make_key(opts)
+
+    prepared = await service.prepare(parsed.items)
+    good = [(i, x) for i, x in enumerate(prepared) if isinstance(x, torch.Tensor)]
+    task = capability
+    results = []
+    if good:
+        try:
+            results = await service.infer(key, [(x, seed_of(opts)) for _, x in good])
+        except QueueFullError as e:
+            raise ApiError(429, "queue_full", str(e), {"Retry-After": str(e.retry_after_s)}) from e
+        except BatcherClosedError as e:
+            raise ApiError(503, "unavailable", f"not accepting work: {e}", {"Retry-After": "5"}) from e
+        except RequestTimeout as e:
+            raise ApiError(504, "timeout", str(e)) from e
+        except CapabilityError as e:
+            raise ApiError(422, "capability_unavailable", str(e)) from e
+        except ValueError as e:  # an option the backend refused (e.g. a mask ratio that keeps no patch)
+            raise ApiError(422, "invalid_option", str(e)) from e
+
+    items: list[dict] = [None] * len(prepared)  # type: ignore[list-item]
+    for i, x in enumerate(prepared):
+        if isinstance(x, ImageError):
+            items[i] = _error_item(i, x)
+    rendered = await service.run_blocking(
+        lambda: [render(opts, i, r.value, x) for (i, x), r in zip(good, results, strict=True)]
+    )
+    for (i, _), item in zip(good, rendered, strict=True):
+        items[i] = item
+    m = service.metrics
+    m.images.labels(task, "ok").inc(len(good))
+    m.images.labels(task, "error").inc(len(prepared) - len(good))
+    headers = {}
+    if results:
+        queue_ms = max(r.queue_s for r in results) * 1000
+        inference_ms = max(r.inference_s for r in results) * 1000
+        request.state.queue_ms, request.state.inference_ms = queue_ms, inference_ms
+        headers = {
+            "X-Queue-Time-Ms": f"{queue_ms:.2f}",
+            "X-Inference-Time-Ms": f"{inference_ms:.2f}",
+            "X-Batch-Size": str(max(r.batch_size for r in results)),
+        }
+    body = {
+        "object": "list",
+        "model": service.card.variant or service.card.framework,
+        **header(opts),
+        "data": items,
+        "usage": {"images": len(items), "succeeded": len(good), "failed": len(items) - len(good)},
+    }
+    return JSONResponse(body, _status(items), headers=headers)
+
+
+# ---------------------------------------------------------------------------- rendering per task
+def _render_embedding(opts: EmbedOptions, index: int, value: np.ndarray, _x) -> dict:
+    v = np.asarray(value, dtype=np.float32)
+    if opts.normalize:
+        v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+    if opts.encoding_format == "base64":
+        emb: Any = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
+    else:
+        emb = v.tolist()
+    return {"index": index, "object": "embedding", "embedding": emb, "shape": list(v.shape)}
+
+
+def _png(x: np.ndarray | torch.Tensor, service: InferenceService, upscale: int) -> str:
+    t = torch.as_tensor(np.asarray(x, dtype=np.float32)).unsqueeze(0)  # (1, 3, S, S)
+    img = to_pil(t, service.card.preprocessing, upscale=upscale)[0]
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=3)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# ---------------------------------------------------------------------------- routers
+health = APIRouter(tags=["health"])
+v1 = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key)])
+aliases = APIRouter(dependencies=[Depends(require_api_key)], include_in_schema=False)
+
+ERRORS = {
+    401: {"model": ErrorResponse, "description": "missing or invalid API key"},
+    413: {"model": ErrorResponse, "description": "request or image over a size limit"},
+    415: {"model": ErrorResponse, "description": "unsupported content type or image format"},
+    422: {"model": ErrorResponse, "description": "invalid options, or every image unusable"},
+    429: {"model": ErrorResponse, "description": "queue full: retry after Retry-After seconds"},
+    503: {"model": ErrorResponse, "description": "not ready or shutting down"},
+    504: {"model": ErrorResponse, "description": "request timeout"},
+}
+
+
+async def embed(request: Request, service: Service) -> JSONResponse:
+    """Embeddings of one or more images: the mean patch token (avg), the cls token, or every patch token."""
+
+    def key(o: EmbedOptions) -> tuple:
+        check_pooling(o.pooling)
+        return ("embed", o.pooling)
+
+    return await _run(
+        request,
+        service,
+        EmbedOptions,
+        "embed",
+        key,
+        lambda o: None,
+        _render_embedding,
+        lambda o: {"pooling": o.pooling, "normalized": o.normalize, "encoding_format": o.encoding_format},
+    )
+
+
+async def classify(request: Request, service: Service) -> JSONResponse:
+    """The top-k classes of each image, with softmax probabilities and the model card's class names."""
+    labels = service.card.class_names or [f"class_{i}" for i in range(service.card.config.num_classes)]
+
+    def render(o: ClassifyOptions, index: int, probs: np.ndarray, _x) -> dict:
+        k = min(o.top_k, probs.shape[0])
+        best = np.argsort(-probs)[:k]
+        preds = [{"label": labels[j], "class_index": int(j), "score": float(probs[j])} for j in best]
+        return {"index": index, "object": "classification", "predictions": preds}
+
+    return await _run(
+        request,
+        service,
+        ClassifyOptions,
+        "classify",
+        lambda o: ("classify",),
+        lambda o: None,
+        render,
+        lambda o: {},
+    )
+
+
+async def reconstruct(request: Request, service: Service) -> JSONResponse:
+    """Masked reconstruction: which patches were hidden (seeded), and the decoder's prediction as PNGs."""
+    cfg = service.card.config
+    grid = cfg.img_size // cfg.patch_size
+
+    def ratio(o: ReconstructOptions) -> float:
+        return cfg.mask_ratio if o.mask_ratio is None else o.mask_ratio
+
+    def key(o: ReconstructOptions) -> tuple:
+        if o.upscale > service.settings.max_upscale:
+            raise ApiError(
+                422, "invalid_option", f"upscale is {o.upscale}; the limit is {service.settings.max_upscale}"
+            )
+        if int(cfg.num_patches * (1 - ratio(o))) < 1:
+            raise ApiError(
+                422, "invalid_option", f"mask_ratio {ratio(o)} leaves no visible patch of {cfg.num_patches}"
+            )
+        return ("reconstruct", float(ratio(o)))
+
+    def render(o: ReconstructOptions, index: int, r: Reconstructed, x: torch.Tensor) -> dict:
+        mask = np.asarray(r.mask).round().astype(int)
+        return {
+            "index": index,
+            "object": "reconstruction",
+            "mask_ratio": ratio(o),
+            "seed": o.seed,
+            "grid": [grid, grid],
+            "visible_patches": int((mask == 0).sum()),
+            "mask": mask.tolist(),
+            "media_type": "image/png",
+            "images": {
+                "original": _png(x.float().cpu(), service, o.upscale),
+                "masked": _png(r.masked, service, o.upscale),
+                "reconstruction": _png(r.reconstruction, service, o.upscale),
+                "reconstruction_visible": _png(r.pasted, service, o.upscale),
+            },
+        }
+
+    return await _run(
+        request, service, ReconstructOptions, "reconstruct", key, lambda o: o.seed, render, lambda o: {}
+    )
+
+
+for _router in (v1, aliases):
+    _router.add_api_route(
+        "/embed",
+        embed,
+        methods=["POST"],
+        summary="Image embeddings",
+        responses={200: {"model": EmbedResponse}, **ERRORS},
+        openapi_extra=openapi_extra(EmbedOptions),
+    )
+    _router.add_api_route(
+        "/classify",
+        classify,
+        methods=["POST"],
+        summary="Top-k classification",
+        responses={200: {"model": ClassifyResponse}, **ERRORS},
+        openapi_extra=openapi_extra(ClassifyOptions),
+    )
+    _router.add_api_route(
+        "/reconstruct",
+        reconstruct,
+        methods=["POST"],
+        summary="Masked reconstruction (PNG images)",
+        responses={200: {"model": ReconstructResponse}, **ERRORS},
+        openapi_extra=openapi_extra(ReconstructOptions),
+    )
+
+
+@v1.get("/info", summary="Model card, backend, limits and batching")
+async def info(service: Service) -> dict:
+    s = service.settings
+    backend = asdict(service.backend_info) if service.backend_info else None
+    return {
+        "version": __version__,
+        "model": service.card.to_dict(),
+        "backend": backend,
+        "device": backend["device"] if backend else None,
+        "precision": backend["precision"] if backend else None,
+        "capabilities": service.capabilities,
+        "limits": {
+            "max_request_bytes": s.max_request_bytes,
+            "max_image_bytes": s.max_image_bytes,
+            "max_images_per_request": s.max_images_per_request,
+            "max_pixels": s.max_pixels,
+            "min_side": s.min_side,
+            "max_upscale": s.max_upscale,
+            "request_timeout_s": s.request_timeout_s,
+        },
+        "batching": asdict(service.batch_config) | {"enabled": s.batching},
+        "url_fetch": s.allow_url_fetch,
+        "auth": bool(s.api_keys),
+    }
+
+
+@health.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@health.get("/readyz", summary="Readiness: model loaded, warmed up, batching worker alive")
+async def readyz(service: Service) -> JSONResponse:
+    r = service.readiness()
+    return JSONResponse(r, 200 if r["ready"] else 503)
+
+
+@health.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(service: Service) -> Response:
+    if service.batcher is not None:
+        service.metrics.queue_depth.set(service.batcher.depth)
+    service.readiness()
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,185 @@
+"""The one settings object of the service: environment variables `SUPMAE_*`, mirrored by `supmae-serve` flags.
+
+Read once at the entry point (the CLI, or `create_app()` when it is given none) and passed inward as typed
+values: the backend gets a `BackendConfig`, the batcher a `BatchConfig`, the decoder an `ImageLimits`.
+Lists (`api_keys`, `cors_origins`) are comma-separated in the environment and on the command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from supmae_serve.preprocess import ImageLimits
+
+# The bundled default model: a ViT-T/4 SupMAE trained on CIFAR-10, stored as fp16 (model.json + model.safetensors).
+DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "cifar10_vit_tiny"
+
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "fake")
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Every knob of `supmae-serve`. Environment: `SUPMAE_<NAME>`; command line: `--<name-with-dashes>`."""
+
+    model_config = SettingsConfigDict(env_prefix="SUPMAE_", extra="ignore", validate_default=True)
+
+    # --- model and backend
+    model: Path = Field(
+        DEFAULT_MODEL,
+        description="checkpoint folder (model.safetensors + model.json) or a supmae-export folder "
+        "(manifest.json + model.json + *.onnx / *.engine); default: the bundled CIFAR-10 ViT-T/4",
+    )
+    export_dir: Path | None = Field(
+        None,
+        description="supmae-export folder for the onnxruntime/tensorrt backends when --model is a checkpoint",
+    )
+    backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "fake"] = Field(
+        "auto",
+        description="auto picks the fastest available: tensorrt engine > onnxruntime on CUDA/TensorRT > "
+        "torch on CUDA > onnxruntime on CPU (when an export folder exists) > torch on CPU",
+    )
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(
+        "auto", description="auto: fp32 on the CPU, fp16 on a GPU; int8 needs an int8 ONNX export"
+    )
+    compile: bool = Field(False, description="torch backend: torch.compile the model (slower start)")
+    threads: int = Field(0, ge=0, description="intra-op threads for torch / onnxruntime (0: library default)")
+    warmup: bool = Field(True, description="run each batch size once before reporting ready")
+
+    # --- dynamic batching
+    batching: bool = Field(
+        True, description="merge concurrent requests into batches (off: one image at a time)"
+    )
+    max_batch_size: int = Field(32, ge=1, le=4096, description="images per model call")
+    max_wait_ms: float = Field(
+        5.0, ge=0, le=10_000, description="how long the oldest queued image waits for a batch to fill"
+    )
+    max_queue: int = Field(256, ge=1, description="images waiting at most; beyond it requests get 429")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="per-request deadline (queue + inference) -> 504"
+    )
+    decode_threads: int = Field(4, ge=1, le=256, description="threads that decode images off the event loop")
+    gpu_decode: bool = Field(True, description="decode JPEGs on the GPU (nvjpeg) when serving on CUDA")
+
+    # --- input limits
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="body size limit -> 413")
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=64, description="encoded size limit per image -> 413")
+    max_images_per_request: int = Field(64, ge=1, description="images in one request at most -> 413")
+    max_pixels: int = Field(
+        40_000_000, ge=64, description="width x height limit (decompression bombs) -> 413"
+    )
+    min_side: int = Field(8, ge=1, description="smallest allowed image side -> 422")
+    max_upscale: int = Field(8, ge=1, le=64, description="largest reconstruct `upscale` factor")
+
+    # --- security
+    api_keys: CommaList = Field(
+        default_factory=list,
+        repr=False,
+        description="comma-separated Bearer tokens; empty: no authentication. /healthz, /readyz, /metrics stay public",
+    )
+    cors_origins: CommaList = Field(
+        default_factory=list, description="comma-separated allowed CORS origins ('*' for any)"
+    )
+    allow_url_fetch: bool = Field(
+        False, description="accept {'url': ...} inputs and fetch them (SSRF risk: off by default)"
+    )
+    url_fetch_allow_private: bool = Field(
+        False, description="let URL fetching reach loopback/private/link-local addresses (off: blocked)"
+    )
+    url_fetch_timeout_s: float = Field(5.0, gt=0, description="timeout of one URL fetch")
+
+    # --- server
+    host: str = Field("127.0.0.1", description="bind address (0.0.0.0 inside containers)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    workers: int = Field(
+        1, ge=1, description="uvicorn worker processes (each loads the model and batches alone)"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="log level"
+    )
+    shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown: time to drain the queue")
+    demo: bool = Field(True, description="mount the Gradio demo at /demo (needs pip install 'supmae[demo]')")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, v):
+        if v is None:
+            return []
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.max_images_per_request > self.max_queue:
+            raise ValueError(
+                f"max_images_per_request ({self.max_images_per_request}) cannot exceed max_queue ({self.max_queue}): "
+                "such a request could never be queued"
+            )
+        if self.max_image_bytes > self.max_request_bytes:
+            raise ValueError(
+                f"max_image_bytes ({self.max_image_bytes}) cannot exceed max_request_bytes ({self.max_request_bytes})"
+            )
+        return self
+
+    # ------------------------------------------------------------------ typed views passed inward
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_pixels, min_side=self.min_side)
+
+    def batch_config(self):
+        from supmae_serve.batching import BatchConfig
+
+        if not self.batching:
+            return BatchConfig(
+                max_batch_size=1, max_wait_ms=0.0, max_queue=self.max_queue, timeout_s=self.request_timeout_s
+            )
+        return BatchConfig(
+            max_batch_size=self.max_batch_size,
+            max_wait_ms=self.max_wait_ms,
+            max_queue=self.max_queue,
+            timeout_s=self.request_timeout_s,
+        )
+
+    def backend_config(self):
+        from supmae_serve.backends.registry import BackendConfig
+
+        return BackendConfig(
+            model=self.model,
+            export_dir=self.export_dir,
+            backend=self.backend,
+            device=self.device,
+            precision=self.precision,
+            compile=self.compile,
+            threads=self.threads,
+        )
+
+    def to_env(self) -> dict[str, str]:
+        """`SUPMAE_*` variables that rebuild these settings in another process (uvicorn workers)."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, list):
+                value = ",".join(value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[f"SUPMAE_{name.upper()}"] = str(value)
+        return env
+
+    def public_dict(self) -> dict:
+        """The settings without secrets (for /v1/info and logs)."""
+        d = self.model_dump(mode="json", exclude={"api_keys"})
+        d["api_keys"] = f"{len(self.api_keys)} configured" if self.api_keys else "none (authentication off)"
+        return d
