@@ -18,7 +18,7 @@ TORCH_PINS ?= torch==2.9.1 torchvision==0.24.1
 endif
 EXTRAS ?= demo,train,dev
 
-.PHONY: venv serve test lint format clean
+.PHONY: venv serve test lint format clean browser-deps
 
 $(VENV)/.stamp: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,21 @@ format: venv
 	$(VENV)/bin/ruff format supmae_serve training export app tests benchmarks
 	$(VENV)/bin/ruff check --fix supmae_serve training export app tests benchmarks
 
-test: venv lint
+# Debian's chromium for the browser test (tests/test_browser_demo.py); never Playwright's downloads.
+# Installs only as root and only when missing; otherwise says why and the test skips with that reason.
+CHROMIUM ?= /usr/bin/chromium
+browser-deps:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "browser-deps: installing Debian's chromium for the browser test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "browser-deps: apt-get could not install chromium; the browser test will skip"; \
+	else \
+	  echo "browser-deps: $(CHROMIUM) missing and not root (or no apt-get): the browser test will skip;" \
+	       "install it with 'sudo apt-get install chromium'"; \
+	fi
+
+test: venv lint browser-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

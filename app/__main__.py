@@ -1,0 +1,46 @@
+"""`python -m app --checkpoint PATH [--host 127.0.0.1] [--port 7860]`: the Gradio demo on its own.
+
+A thin wrapper over `app.demo.create_demo_app`; the REST server (`supmae-serve`) mounts the same
+page at /demo next to the API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m app", description="Serve the SupMAE Gradio demo alone.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (model.safetensors + model.json)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: %(default)s)")
+    p.add_argument("--path", default="/demo", help="URL path of the demo (default: %(default)s)")
+    p.add_argument("--examples", default=None, help="folder of example images (default: the bundled ones)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from supmae_serve.model.checkpoint import CheckpointError
+
+    from .backend import load_backend
+
+    try:
+        from .demo import create_demo_app
+
+        backend = load_backend(args.checkpoint, device=args.device)
+        app = create_demo_app(backend, path=args.path, examples_dir=args.examples)
+    except (CheckpointError, ImportError) as e:
+        print(f"python -m app: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    print(f"SupMAE demo on http://{args.host}:{args.port}{args.path.rstrip('/')}/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""The demo in a real browser: headless Chromium (Debian's `chromium`) driven by Playwright against
+`python -m app` on loopback. `make browser-deps` installs chromium; Playwright's own browser
+downloads are never used. The screenshot lands in test-artifacts/demo.png."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image, ImageDraw
+
+from supmae_serve.model import save_checkpoint
+from tests.conftest import TINY, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = os.environ.get("SUPMAE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not (os.access(CHROMIUM, os.X_OK) or shutil.which(CHROMIUM)),
+        reason=f"no Chromium at {CHROMIUM}: run `make browser-deps` as root (apt-get install chromium), "
+        "or point SUPMAE_CHROMIUM at a Chromium binary",
+    ),
+]
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed: pip install 'supmae[dev]'"
+)
+pytest.importorskip("gradio", reason="the demo needs the 'demo' extra: pip install 'supmae[demo]'")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def demo_url(tmp_path):
+    """`python -m app` on 127.0.0.1 with a tiny checkpoint; yields the demo's URL."""
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(tiny_model(), ckpt, variant=TINY, class_names=CLASSES)
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    log = open(tmp_path / "server.log", "w+")  # noqa: SIM115 - closed below
+    cmd = [sys.executable, "-m", "app", "--checkpoint", str(ckpt), "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90  # imports torch + gradio: ~15 s idle, more on a busy machine
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"the demo server exited with {proc.returncode}:\n{log.read()}")
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("the demo server did not answer /healthz within 90 s")
+            time.sleep(0.3)
+        yield f"{base}/demo/"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _picture() -> Image.Image:
+    """A 40x40 test picture (sky gradient, a sun, grass) that reads well in the screenshot."""
+    img = Image.new("RGB", (40, 40))
+    draw = ImageDraw.Draw(img)
+    for y in range(40):
+        draw.line([(0, y), (39, y)], fill=(70 + 3 * y, 130 + 2 * y, 230))
+    draw.ellipse([22, 5, 34, 17], fill=(250, 210, 40))
+    draw.rectangle([0, 28, 39, 39], fill=(60, 150, 60))
+    return img
+
+
+@pytest.mark.timeout(180)
+def test_demo_in_chromium_classifies_and_reconstructs_an_upload(demo_url, tmp_path):
+    upload = tmp_path / "upload.png"
+    _picture().save(upload)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        try:
+            page.goto(demo_url, timeout=30_000)
+            page.locator("#explore-image input[type=file]").set_input_files(str(upload))
+
+            # the top-5 classes appear as bars, named from the model card
+            classes = page.locator("#top-classes")
+            classes.get_by_text("%").first.wait_for(timeout=30_000)
+            text = classes.inner_text()
+            assert sum(name in text for name in CLASSES) >= 5, text
+
+            # the four reconstruction views appear, upscaled 8x (32 px -> 256 px)
+            for key in ("original", "masked", "reconstruction", "pasted"):
+                img = page.locator(f"#view-{key} img")
+                img.wait_for(timeout=30_000)
+                page.wait_for_function("(el) => el.complete && el.naturalWidth > 0", arg=img.element_handle())
+                assert img.evaluate("el => [el.naturalWidth, el.naturalHeight]") == [256, 256]
+            page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "demo-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "demo.png").stat().st_size > 10_000
