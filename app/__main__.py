@@ -1,21 +1,34 @@
 """`python -m app --checkpoint PATH [--host 127.0.0.1] [--port 7860]`: the Gradio demo on its own.
 
-A thin wrapper over `app.demo.create_demo_app`; the REST server (`supmae-serve`) mounts the same
-page at /demo next to the API.
+A thin wrapper: the backend comes from the serving registry (`supmae_serve.backends.create_backend`,
+the same `auto` rule as `supmae-serve`), the page from `app.demo.create_demo_app`. `supmae-serve`
+mounts the same page at /demo next to the REST API.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m app", description="Serve the SupMAE Gradio demo alone.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (model.safetensors + model.json)")
+    p.add_argument(
+        "--checkpoint",
+        "--model",
+        required=True,
+        help="checkpoint folder (model.safetensors + model.json) or a supmae-export folder",
+    )
+    p.add_argument(
+        "--backend", default="auto", help="auto | torch | onnxruntime | tensorrt (default: %(default)s)"
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    p.add_argument(
+        "--precision", default="auto", help="auto | fp32 | fp16 | bf16 | int8 (default: %(default)s)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: %(default)s)")
     p.add_argument("--path", default="/demo", help="URL path of the demo (default: %(default)s)")
     p.add_argument("--examples", default=None, help="folder of example images (default: the bundled ones)")
     return p.parse_args(argv)
@@ -23,16 +36,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from supmae_serve.backends import BackendConfig, BackendError, create_backend
     from supmae_serve.model.checkpoint import CheckpointError
-
-    from .backend import load_backend
 
     try:
         from .demo import create_demo_app
 
-        backend = load_backend(args.checkpoint, device=args.device)
+        cfg = BackendConfig(
+            model=Path(args.checkpoint), backend=args.backend, device=args.device, precision=args.precision
+        )
+        backend = create_backend(cfg)
+        backend.warmup()
         app = create_demo_app(backend, path=args.path, examples_dir=args.examples)
-    except (CheckpointError, ImportError) as e:
+    except (BackendError, CheckpointError, ImportError) as e:
         print(f"python -m app: {e}", file=sys.stderr)
         return 2
     import uvicorn

@@ -189,6 +189,7 @@ class DemoService:
                 "device": info.device,
                 "precision": info.precision,
                 "capabilities": info.capabilities,
+                **info.extra,
             },
             "model_card": self.card.to_dict(),
         }
@@ -275,7 +276,9 @@ def build_demo(
         return component
 
     with gr.Blocks(title="SupMAE demo", analytics_enabled=False) as demo:
-        gr.Markdown("# SupMAE demo\n" + service.summary())
+        # callables: evaluated on each page load, so a server that mounts the page before its backend
+        # has loaded (supmae-serve) still shows the backend that serves it
+        gr.Markdown(lambda: "# SupMAE demo\n" + service.summary())
         with gr.Tabs():
             with gr.Tab("Explore", id="explore"):
                 with gr.Row():
@@ -359,7 +362,7 @@ def build_demo(
                 run.click(service.compare, [image_a, image_b], [cosine, note], api_name="compare")
 
             with gr.Tab("Model card", id="card"):
-                gr.JSON(service.card_json(), label="Model card and backend")
+                gr.JSON(service.card_json, label="Model card and backend", elem_id="model-card")
 
     demo.queue(default_concurrency_limit=service.config.concurrency, max_size=64)
     demo.service = service  # the callbacks, for tests and for callers that want them

@@ -1,5 +1,5 @@
 """The demo in a real browser: headless Chromium (Debian's `chromium`) driven by Playwright against
-`python -m app` on loopback. `make browser-deps` installs chromium; Playwright's own browser
+the standalone demo app on loopback. `make browser-deps` installs chromium; Playwright's own browser
 downloads are never used. The screenshot lands in test-artifacts/demo.png."""
 
 from __future__ import annotations
@@ -7,8 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,38 +55,37 @@ def _free_port() -> int:
 
 @pytest.fixture
 def demo_url(tmp_path):
-    """`python -m app` on 127.0.0.1 with a tiny checkpoint; yields the demo's URL."""
+    """The standalone demo app (what `python -m app` serves) under a real uvicorn server on 127.0.0.1,
+    in a thread of this process (torch and gradio are imported already); yields the demo's URL."""
+    import uvicorn
+
+    from app.demo import create_demo_app
+    from supmae_serve.backends import BackendConfig, create_backend
+
     ckpt = tmp_path / "ckpt"
     save_checkpoint(tiny_model(), ckpt, variant=TINY, class_names=CLASSES)
+    backend = create_backend(BackendConfig(model=ckpt, backend="torch", device="cpu"))
+    backend.warmup()
     port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    log = open(tmp_path / "server.log", "w+")  # noqa: SIM115 - closed below
-    cmd = [sys.executable, "-m", "app", "--checkpoint", str(ckpt), "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = uvicorn.Server(
+        uvicorn.Config(create_demo_app(backend), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, name="demo-server", daemon=True)
+    thread.start()
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90  # imports torch + gradio: ~15 s idle, more on a busy machine
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"the demo server exited with {proc.returncode}:\n{log.read()}")
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive():
+                pytest.fail("the demo server stopped while starting (see the log above)")
             if time.monotonic() > deadline:
-                pytest.fail("the demo server did not answer /healthz within 90 s")
-            time.sleep(0.3)
+                pytest.fail("the demo server did not start within 30 s")
+            time.sleep(0.1)
+        assert httpx.get(f"{base}/healthz", timeout=5).json() == {"status": "ok"}
         yield f"{base}/demo/"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def _picture() -> Image.Image:
@@ -101,7 +99,7 @@ def _picture() -> Image.Image:
     return img
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(120)
 def test_demo_in_chromium_classifies_and_reconstructs_an_upload(demo_url, tmp_path):
     upload = tmp_path / "upload.png"
     _picture().save(upload)

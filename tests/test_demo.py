@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
+from supmae_serve.backends import BackendConfig, create_backend
 from supmae_serve.model import save_checkpoint
 from supmae_serve.preprocess import ImageLimits, batch, decode_image
 from tests.conftest import TINY, encode, synthetic_image, tiny_model
 
 gr = pytest.importorskip("gradio", reason="the demo needs the 'demo' extra: pip install 'supmae[demo]'")
 
-from app.backend import load_backend  # noqa: E402
 from app.demo import (  # noqa: E402
     EXAMPLES_DIR,
     DemoConfig,
@@ -28,6 +28,12 @@ from app.demo import (  # noqa: E402
 )
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def load_backend(path: Path):
+    backend = create_backend(BackendConfig(model=path, backend="torch", device="cpu"))
+    backend.warmup()
+    return backend
 
 
 def _checkpoint(root: Path, framework: str = "supmae") -> Path:
@@ -208,6 +214,8 @@ def test_page_shows_every_view_a_full_supmae_model_can_serve(backend):
     assert _component(demo, "top-classes").visible
     assert _component(demo, "mask-ratio").visible
     assert _component(demo, "mask-ratio").value == pytest.approx(0.75)  # the card's mask ratio
+    assert "Served by torch on cpu (fp32)" in demo.service.summary()
+    assert demo.service.card_json()["model_card"]["class_names"] == CLASSES
     names = {d.api_name for d in demo.fns.values()}
     assert {"explore", "compare"} <= names
     examples = [c for c in demo.blocks.values() if isinstance(c, gr.Dataset)]
@@ -288,8 +296,28 @@ def test_missing_gradio_names_the_extra(backend, monkeypatch):
         build_demo(backend)
 
 
+def test_cli_builds_the_demo_app_from_a_checkpoint(checkpoints, monkeypatch):
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from app.__main__ import main
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    assert main(["--checkpoint", str(checkpoints["supmae"]), "--device", "cpu", "--port", "7999"]) == 0
+    assert (served["host"], served["port"]) == ("127.0.0.1", 7999)
+    with TestClient(served["app"]) as client:
+        assert client.get("/demo/").status_code == 200
+
+
 def test_cli_reports_an_unreadable_checkpoint(tmp_path, capsys):
     from app.__main__ import main
 
     assert main(["--checkpoint", str(tmp_path / "missing")]) == 2
-    assert "checkpoint not found" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"\0" * 16)
+    (broken / "model.json").write_text("{")
+    assert main(["--checkpoint", str(broken), "--device", "cpu"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
