@@ -5,7 +5,8 @@ device (the data pipeline is not measured). For each row the table gives images/
 training FLOPs per image (fwd + bwd, counted once per model with torch's `FlopCounterMode`, the same
 count as `benchmarks/model_flops.py`), achieved TFLOP/s and peak memory.
 
-    # the two GPU targets of issue 7 (each prints a table; --sweep runs every lever combination)
+    # the two GPU targets of issue 7 (each prints a table; --sweep runs every lever combination;
+    # benchmarks/gpu_suite.sh runs both in one go)
     python benchmarks/train_throughput.py --variant base_patch16_224 --batch 256 --dtype bf16 --sweep
     python benchmarks/train_throughput.py --variant tiny_patch4_32 --batch 1024 --dtype bf16 --sweep
     # one configuration
@@ -160,27 +161,36 @@ class BenchConfig:
                 raise ValueError("the HF baseline is measured without hand-captured CUDA graphs")
 
 
-def sweep_rows(device: torch.device, compile_ok: bool = True) -> list[RowSpec]:
-    """Every lever combination worth comparing, cheapest and most important first (a run killed by a
-    time limit still has the main rows). CUDA-graph rows only on CUDA."""
-    rows = [
+SWEEPS = ("main", "extra", "all")
+
+
+def sweep_rows(device: torch.device, which: str = "all") -> list[RowSpec]:
+    """Lever combinations to compare, most important first so that a run stopped by a time limit
+    still has the main rows. "main": the HF reference, eager, fused AdamW, compile, CUDA graphs;
+    "extra": torch's reduce-overhead mode, a compiled foreach optimizer inside a CUDA graph and the
+    HF model compiled (a stronger baseline than the targets use). CUDA-graph rows only on CUDA."""
+    if which not in SWEEPS:
+        raise ValueError(f"sweep must be one of {SWEEPS}, got {which!r}")
+    cuda = device.type == "cuda"
+    main = [
         RowSpec("hf", Levers(fused_adamw=True)),  # the reference: eager, SDPA, bf16 autocast, fused AdamW
-        RowSpec("ours", Levers()),
         RowSpec("ours", Levers(fused_adamw=True)),
+        RowSpec("ours", Levers()),
         RowSpec("ours", Levers(fused_adamw=True), framework="mae"),  # no classification branch: HF's work
+        RowSpec("ours", Levers(fused_adamw=True, compile=True)),
     ]
-    if compile_ok:
-        rows.append(RowSpec("ours", Levers(fused_adamw=True, compile=True)))
-    if device.type == "cuda":
-        if compile_ok:
-            rows.append(RowSpec("ours", Levers(fused_adamw=True, compile=True, cuda_graphs=True)))
-        rows.append(RowSpec("ours", Levers(fused_adamw=True, cuda_graphs=True)))
-        if compile_ok:
-            rows.append(
-                RowSpec("ours", Levers(fused_adamw=True, compile=True, compile_mode="reduce-overhead"))
-            )
-            rows.append(RowSpec("ours", Levers(compile=True, cuda_graphs=True)))  # compiled foreach AdamW
-    return rows
+    extra = [RowSpec("hf", Levers(fused_adamw=True, compile=True))]
+    if cuda:
+        main += [
+            RowSpec("ours", Levers(fused_adamw=True, compile=True, cuda_graphs=True)),
+            RowSpec("ours", Levers(fused_adamw=True, cuda_graphs=True)),
+        ]
+        extra = [
+            RowSpec("ours", Levers(fused_adamw=True, compile=True, compile_mode="reduce-overhead")),
+            RowSpec("ours", Levers(compile=True, cuda_graphs=True)),  # compiled foreach AdamW in the graph
+            *extra,
+        ]
+    return {"main": main, "extra": extra, "all": main + extra}[which]
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -740,7 +750,13 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     ap.add_argument(
         "--baseline-compile", action="store_true", help="also time the HF model under torch.compile"
     )
-    ap.add_argument("--sweep", action="store_true", help="every lever combination (ignores the lever flags)")
+    ap.add_argument(
+        "--sweep",
+        nargs="?",
+        const="all",
+        choices=SWEEPS,
+        help="lever combinations instead of the lever flags: main, extra or all (the default)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", default=None, help="write the full report here")
     ap.add_argument(
@@ -760,7 +776,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     )
     device = cfg.resolved_device()
     if args.sweep:
-        rows = sweep_rows(device)
+        rows = sweep_rows(device, args.sweep)
         if args.no_baseline:
             rows = [r for r in rows if r.impl != "hf"]
     else:
@@ -772,7 +788,8 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
         )
         rows = [] if args.no_baseline else [RowSpec("hf", Levers(fused_adamw=True))]
         rows.append(RowSpec("ours", levers, framework=args.framework))
-    if args.baseline_compile and not args.no_baseline:
+    hf_compiled = any(r.impl == "hf" and r.levers.compile for r in rows)
+    if args.baseline_compile and not args.no_baseline and not hf_compiled:
         rows.append(RowSpec("hf", Levers(fused_adamw=True, compile=True)))
     cfg.rows = rows
     return cfg, args
