@@ -1,0 +1,232 @@
+"""The micro-batcher alone: merging, limits, deadlines, failure isolation, liveness and draining."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from supmae_serve.batching import (
+    BatchConfig,
+    BatcherClosedError,
+    MicroBatcher,
+    QueueFullError,
+    RequestTimeout,
+)
+
+
+class Recorder:
+    """run_batch that doubles numbers, records every batch, and can be held (a slow model call)."""
+
+    def __init__(self):
+        self.batches: list[tuple] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+
+    def __call__(self, key, payloads):
+        self.started.set()
+        assert self.gate.wait(10)
+        self.batches.append((key, list(payloads)))
+        if key == "boom":
+            raise RuntimeError("model exploded")
+        return [p * 2 for p in payloads]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+async def _started(rec: Recorder, batcher: MicroBatcher):
+    """Wait (without blocking the loop) until the worker is inside a model call."""
+    while not rec.started.is_set():
+        await asyncio.sleep(0.005)
+
+
+def test_concurrent_requests_share_a_batch_in_order():
+    rec = Recorder()
+
+    async def main():
+        b = MicroBatcher(rec, BatchConfig(max_batch_size=8, max_wait_ms=200))
+        b.start()
+        results = await asyncio.gather(*(b.submit("k", [i]) for i in range(8)))
+        await b.close()
+        return results
+
+    results = run(main())
+    assert [r[0].value for r in results] == [2 * i for i in range(8)]
+    assert len(rec.batches) == 1 and rec.batches[0] == ("k", list(range(8)))  # one full batch, no wait
+    assert all(r[0].batch_size == 8 for r in results)
+
+
+def test_max_batch_size_and_keys_are_respected():
+    rec = Recorder()
+
+    async def main():
+        b = MicroBatcher(rec, BatchConfig(max_batch_size=3, max_wait_ms=50))
+        b.start()
+        many = b.submit("a", list(range(7)))
+        other = b.submit("b", [100, 101])
+        a, o = await asyncio.gather(many, other)
+        await b.close()
+        return a, o
+
+    a, o = run(main())
+    assert [r.value for r in a] == [2 * i for i in range(7)] and [r.value for r in o] == [200, 202]
+    assert all(len(p) <= 3 for _, p in rec.batches)
+    for key, payloads in rec.batches:  # keys never mix
+        assert all((p >= 100) == (key == "b") for p in payloads)
+    assert sorted(len(p) for k, p in rec.batches if k == "a") == [1, 3, 3]
+
+
+def test_a_lone_request_waits_at_most_max_wait():
+    rec = Recorder()
+
+    async def main():
+        b = MicroBatcher(rec, BatchConfig(max_batch_size=64, max_wait_ms=30))
+        b.start()
+        t0 = time.perf_counter()
+        r = await b.submit("k", [1])
+        elapsed = time.perf_counter() - t0
+        await b.close()
+        return r, elapsed
+
+    r, elapsed = run(main())
+    assert r[0].value == 2 and r[0].batch_size == 1
+    assert 0.025 <= r[0].queue_s < 2.0 and elapsed < 2.0  # it waited for company, then went alone
+
+
+def test_queue_full_refuses_the_whole_request_and_queues_nothing():
+    rec = Recorder()
+    rec.gate.clear()
+
+    async def main():
+        b = MicroBatcher(rec, BatchConfig(max_batch_size=1, max_wait_ms=0, max_queue=3))
+        b.start()
+        first = asyncio.ensure_future(b.submit("k", [0]))  # taken by the worker, which then blocks
+        await _started(rec, b)
+        queued = asyncio.ensure_future(b.submit("k", [1, 2]))
+        await asyncio.sleep(0.01)
+        assert b.depth == 2
+        with pytest.raises(QueueFullError, match="holds 2 of at most 3") as e:
+            await b.submit("k", [3, 4])
+        assert e.value.retry_after_s >= 1 and b.depth == 2  # nothing of the refused request was queued
+        fits = asyncio.ensure_future(b.submit("k", [5]))
+        await asyncio.sleep(0.01)
+        assert b.depth == 3
+        rec.gate.set()
+        results = await asyncio.gather(first, queued, fits)
+        await b.close()
+        return results
+
+    results = run(main())
+    assert [[r.value for r in res] for res in results] == [[0], [2, 4], [10]]
+
+
+def test_timeout_frees_the_queue_and_the_worker_skips_dropped_items():
+    rec = Recorder()
+    rec.gate.clear()
+
+    async def main():
+        b = MicroBatcher(rec, BatchConfig(max_batch_size=4, max_wait_ms=0, max_queue=10))
+        b.start()
+        first = asyncio.ensure_future(b.submit("k", [0], timeout_s=5))
+        await _started(rec, b)
+        with pytest.raises(RequestTimeout, match="0.05 s"):
+            await b.submit("k", [1, 2], timeout_s=0.05)
+        assert b.depth == 0  # the timed-out items left the queue
+        rec.gate.set()
+        r = await first
+        after = await b.submit("k", [3])
+        await b.close()
+        return r, after
+
+    r, after = run(main())
+    assert r[0].value == 0 and after[0].value == 6
+    assert all(1 not in p and 2 not in p for _, p in rec.batches)  # never computed
+
+
+def test_a_failing_batch_fails_only_its_items():
+    rec = Recorder()
+
+    async def main():
+        b = MicroBatcher(rec, BatchConfig(max_batch_size=4, max_wait_ms=20))
+        b.start()
+        bad, good = await asyncio.gather(b.submit("boom", [1]), b.submit("k", [2]), return_exceptions=True)
+        later = await b.submit("k", [3])
+        alive = b.alive
+        await b.close()
+        return bad, good, later, alive
+
+    bad, good, later, alive = run(main())
+    assert isinstance(bad, RuntimeError) and "exploded" in str(bad)
+    assert good[0].value == 4 and later[0].value == 6 and alive
+
+
+def test_wrong_result_count_is_an_error_not_a_hang():
+    async def main():
+        b = MicroBatcher(lambda key, p: [0], BatchConfig(max_batch_size=4, max_wait_ms=0))
+        b.start()
+        with pytest.raises(RuntimeError, match="1 results for 2 inputs"):
+            await b.submit("k", [1, 2])
+        await b.close()
+
+    run(main())
+
+
+def test_a_dead_worker_is_reported_and_fails_waiting_requests():
+    rec = Recorder()
+    rec.gate.clear()
+
+    async def main():
+        b = MicroBatcher(rec, BatchConfig(max_batch_size=1, max_wait_ms=0, max_queue=10))
+        b.start()
+        assert b.alive
+        running = asyncio.ensure_future(b.submit("k", [0]))
+        await _started(rec, b)
+        waiting = asyncio.ensure_future(b.submit("k", [1]))
+        await asyncio.sleep(0.01)
+        b._task.cancel()  # the worker dies (a bug, a cancelled task: any reason)
+        await asyncio.sleep(0.01)
+        assert not b.alive and b.stop_reason == "cancelled"
+        results = await asyncio.gather(running, waiting, return_exceptions=True)
+        with pytest.raises(BatcherClosedError, match="cancelled"):
+            await b.submit("k", [2])
+        rec.gate.set()
+        await b.close()
+        return results
+
+    results = run(main())
+    assert all(isinstance(r, BatcherClosedError) for r in results)
+
+
+def test_close_drains_the_queue_then_refuses_new_work():
+    rec = Recorder()
+    rec.gate.clear()
+
+    async def main():
+        b = MicroBatcher(rec, BatchConfig(max_batch_size=2, max_wait_ms=1000, max_queue=10))
+        b.start()
+        pending = [asyncio.ensure_future(b.submit("k", [i])) for i in range(5)]
+        await asyncio.sleep(0.01)
+        closing = asyncio.ensure_future(b.close(drain=True, timeout=10))
+        await asyncio.sleep(0.01)
+        assert not b.alive  # readiness goes false while draining
+        with pytest.raises(BatcherClosedError, match="shutting down"):
+            await b.submit("k", [9])
+        rec.gate.set()
+        results = await asyncio.gather(*pending)
+        await closing
+        return results
+
+    results = run(main())
+    assert [r[0].value for r in results] == [0, 2, 4, 6, 8]  # everything queued before close finished
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError):
+        BatchConfig(max_batch_size=0)
+    with pytest.raises(ValueError):
+        BatchConfig(timeout_s=0)
