@@ -12,6 +12,7 @@ corrupted in proportion. Differences from the released scripts, all deliberate:
 
 - written with numpy and PIL only (no OpenCV, scikit-image, SciPy or ImageMagick);
 - the result is rounded to uint8 (the scripts truncate), so a no-op corruption is exactly a no-op;
+- the defocus kernel always sums to 1 (see `_disk_kernel`);
 - every random draw comes from the generator passed in, so a (seed, corruption, severity, item)
   tuple always gives the same image, whatever the batch, worker or process (`item_rng`).
 
@@ -271,25 +272,29 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
 
 
 def _disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
-    """The defocus kernel: a disk of `radius` px, anti-aliased by a small Gaussian (ImageNet-C `disk`),
-    trimmed to its support."""
+    """The defocus kernel: a disk of `radius` px, anti-aliased by a small Gaussian (ImageNet-C `disk`:
+    17x17 support up to radius 8, a 3x3 Gaussian; 5x5 beyond), trimmed to its support.
+
+    The released code blurs the disk inside its own frame with reflected borders, which folds mass
+    back in once the disk touches the frame (radius 8 and 10: the kernel then sums to ~1.01 and
+    brightens the image); here the frame is padded first, so the kernel always sums to 1."""
     half = 8 if radius <= 8 else int(np.ceil(radius))
     ksize = 3 if radius <= 8 else 5
-    ax = np.arange(-half, half + 1)
+    pad = ksize // 2
+    ax = np.arange(-half - pad, half + pad + 1)
     yy, xx = np.meshgrid(ax, ax, indexing="ij")
-    disk = ((xx**2 + yy**2) <= radius**2).astype(np.float64)  # (2h+1, 2h+1)
+    disk = ((xx**2 + yy**2) <= radius**2).astype(np.float64)  # (2(h+p)+1, 2(h+p)+1)
     disk /= disk.sum()
-    # OpenCV GaussianBlur(disk, (ksize, ksize), alias_blur): separable, reflect-101 borders
-    g = np.arange(ksize) - (ksize - 1) / 2
+    g = np.arange(ksize) - (ksize - 1) / 2  # OpenCV's Gaussian taps for (ksize, sigma)
     g = np.exp(-(g**2) / (2 * alias_blur**2))
     g /= g.sum()
-    n = disk.shape[0]
-    m = _filter_matrix(n, g, "reflect")
+    m = _filter_matrix(disk.shape[0], g, "nearest")  # the padding is zero, so the border mode is moot
     kernel = m @ disk @ m.T
-    keep_r = np.flatnonzero(kernel.sum(1) > 1e-12)
-    keep_c = np.flatnonzero(kernel.sum(0) > 1e-12)
-    r = max(abs(keep_r[0] - half), abs(keep_r[-1] - half), abs(keep_c[0] - half), abs(keep_c[-1] - half))
-    return kernel[half - r : half + r + 1, half - r : half + r + 1]
+    centre = half + pad
+    support = np.flatnonzero((kernel.sum(0) > 1e-12))
+    r = int(max(centre - support[0], support[-1] - centre))
+    kernel = kernel[centre - r : centre + r + 1, centre - r : centre + r + 1]
+    return kernel / kernel.sum()
 
 
 # ---------------------------------------------------------------------------- the corruptions

@@ -330,7 +330,8 @@ def _resolve_spec(spec: DataSpec, card: ModelCard, checkpoint: str) -> DataSpec:
     """Replace holdout='card' by the count and seed recorded in the model card's training section."""
     if spec.holdout != "card":
         return spec
-    sources = [card.training, card.training.get("config") or {}]
+    # supmae-train records it in training.data (the split it used) and training.config
+    sources = [card.training, card.training.get("data") or {}, card.training.get("config") or {}]
     for src in sources:
         if isinstance(src, Mapping) and src.get("holdout"):
             holdout = parse_holdout(src["holdout"])
