@@ -275,7 +275,9 @@ def build_demo(
         _guard_image_input(component)
         return component
 
-    with gr.Blocks(title="SupMAE demo", analytics_enabled=False) as demo:
+    # delete_cache: Gradio keeps every upload and output image in its cache folder; a long-running
+    # server drops files older than an hour, checking every hour
+    with gr.Blocks(title="SupMAE demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         # callables: evaluated on each page load, so a server that mounts the page before its backend
         # has loaded (supmae-serve) still shows the backend that serves it
         gr.Markdown(lambda: "# SupMAE demo\n" + service.summary())

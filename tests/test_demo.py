@@ -290,6 +290,16 @@ def test_mounted_demo_serves_its_page_and_answers_over_the_gradio_api(backend, i
         assert event == "complete"
 
 
+def test_uploads_over_the_byte_limit_are_refused_by_the_page(backend):
+    from fastapi.testclient import TestClient
+
+    app = create_demo_app(backend, config=DemoConfig(limits=ImageLimits(max_bytes=2000)))
+    with TestClient(app) as client:
+        files = {"files": ("big.png", b"x" * 5000, "image/png")}
+        r = client.post("/demo/gradio_api/upload", files=files)
+        assert r.status_code == 413 and "2000 bytes" in r.text
+
+
 def test_missing_gradio_names_the_extra(backend, monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
     with pytest.raises(ImportError, match=r"pip install 'supmae\[demo\]'"):
