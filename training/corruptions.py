@@ -291,7 +291,7 @@ def _disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
     m = _filter_matrix(disk.shape[0], g, "nearest")  # the padding is zero, so the border mode is moot
     kernel = m @ disk @ m.T
     centre = half + pad
-    support = np.flatnonzero((kernel.sum(0) > 1e-12))
+    support = np.flatnonzero(kernel.sum(0) > 1e-12)
     r = int(max(centre - support[0], support[-1] - centre))
     kernel = kernel[centre - r : centre + r + 1, centre - r : centre + r + 1]
     return kernel / kernel.sum()

@@ -595,7 +595,7 @@ class LinearProbe:
     weight: torch.Tensor  # (D, C)
     bias: torch.Tensor  # (C,)
     weight_decay: float
-    selection: dict = field(default_factory=dict)  # validation accuracy per L2 strength tried
+    selection: dict = field(default_factory=dict)  # validation top-1 and loss per L2 strength tried
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.weight.device, torch.float32)
@@ -681,8 +681,8 @@ def fit_linear_probe(
 ) -> LinearProbe:
     """Fit a linear probe on frozen features (on `device`). Features are standardised with the
     training mean and std; without a given weight decay, each of WD_GRID is fitted on a stratified
-    split of the training features and the best on the held-out part (ties: the stronger) is refitted
-    on all of them. Small problems on the CPU are fastest with few threads (set torch threads)."""
+    split of the training features, and the one with the best accuracy on the held-out part (ties:
+    the lower cross-entropy there) is refitted on all of them. Small problems on the CPU are fastest with few threads (set torch threads)."""
     if len(train_x) == 0:
         raise EvalError("linear probe: no training features")
     x = train_x.to(device, torch.float32)
@@ -701,10 +701,13 @@ def fit_linear_probe(
             for cand in WD_GRID:  # strong to weak, each fit starting from the previous solution
                 params = _fit_linear(z[tr], y[tr], num_classes, cand, cfg, init=params)
                 w, b = params
-                acc = 100.0 * ((z[va] @ w + b).argmax(1) == y[va]).float().mean().item()
-                selection[f"{cand:g}"] = acc
-                if best is None or acc > best[0]:  # ties keep the stronger regularisation
-                    best = (acc, cand)
+                with torch.no_grad():
+                    val_logits = z[va] @ w + b
+                    acc = 100.0 * (val_logits.argmax(1) == y[va]).float().mean().item()
+                    loss = F.cross_entropy(val_logits, y[va]).item()
+                selection[f"{cand:g}"] = {"val_top1": acc, "val_loss": loss}
+                if best is None or (acc, -loss) > best[0]:  # accuracy first, then the lower loss
+                    best = ((acc, -loss), cand)
             wd = best[1]
     w, b = _fit_linear(z, y, num_classes, wd, cfg)
     return LinearProbe(mean, std, w, b, float(wd), selection)
