@@ -7,7 +7,8 @@ ANCHORS.md measured that a plain export runs no faster under ONNX Runtime than t
    product -> merge heads) as `torch.onnx.export(dynamo=True)` writes it, rewritten into one
    `com.microsoft.Attention` node per block. onnxruntime.transformers' own ViT attention fusion
    expects the Hugging Face ViT export (separate Q/K/V MatMuls) and matches none of these blocks, so
-   we match timm's pattern ourselves, strictly, and leave any block we do not recognise untouched.
+   we match timm's pattern ourselves (shapes, head count, scale, which qkv part feeds q, k and v) and
+   leave any block we do not recognise untouched.
 2. `onnxruntime.transformers.optimizer.optimize_model(model_type="vit")`: LayerNorm, SkipLayerNorm
    (residual add + LayerNorm) and BiasGelu fusion.
 
@@ -143,19 +144,16 @@ def fuse_vit_attention(model, num_heads: int, report: OptimizeReport | None = No
 
     if not rewrites:
         return 0
-    # Insert each fused node where its qkv MatMul was (its inputs exist there), then drop dead nodes.
-    nodes = list(model.graph.node)
-    index = {id(n): i for i, n in enumerate(nodes)}
-    insert_at = sorted(
-        ((index[id(first)], node) for first, node in rewrites), key=lambda t: t[0], reverse=True
-    )
-    produced_by_fused = {node.output[0] for _, node in rewrites}
-    # The old Reshape producing each fused output must go now, before dead-node removal runs.
-    nodes = [n for n in nodes if not (set(n.output) & produced_by_fused)]
-    index = {id(n): i for i, n in enumerate(nodes)}
-    for first, node in sorted(rewrites, key=lambda t: index[id(t[0])], reverse=True):
-        nodes.insert(index[id(first)], node)
-    del insert_at
+    # Each fused node replaces the Reshape that produced its output, and goes where its qkv MatMul was
+    # (its inputs exist there, and everything reading the output comes later); then dead nodes go.
+    replaced = {node.output[0] for _, node in rewrites}
+    at = {id(first): node for first, node in rewrites}
+    nodes = []
+    for n in model.graph.node:
+        if id(n) in at:
+            nodes.append(at[id(n)])
+        if not set(n.output) & replaced:
+            nodes.append(n)
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)
     remove_dead_nodes(model)
@@ -178,19 +176,15 @@ def _match_attention(g: _Graph, softmax, num_heads: int):
         return "no Reshape merging the heads"
     scores = g.prod(softmax.input[0], "MatMul")
     post_scale = 1.0
-    if scores is None:  # scale applied after the MatMul
-        sc = _scale_path(g, softmax.input[0], stop=set())
+    if scores is None:  # the scale applied after the MatMul: softmax((q @ k^T) * s)
         mul = g.prod(softmax.input[0], "Mul", "Div")
-        if mul is None:
-            return "softmax input is not a (scaled) MatMul"
-        c = g.const(mul.input[1])
+        c = None if mul is None else g.const(mul.input[1])
         if c is None or c.size != 1:
-            return "softmax input is scaled by a non-scalar"
+            return "softmax input is neither a MatMul nor a MatMul scaled by a constant"
         post_scale = float(c.reshape(())) if mul.op_type == "Mul" else 1.0 / float(c.reshape(()))
         scores = g.prod(mul.input[0], "MatMul")
         if scores is None:
             return "no scores MatMul"
-        del sc
     # the head split: a Transpose[2,0,3,1,4] reached from v, q and k
     split_t = _walk_to_split(g, pv.input[1])
     if split_t is None:
@@ -200,6 +194,9 @@ def _match_attention(g: _Graph, softmax, num_heads: int):
     k = _scale_path(g, scores.input[1], stop)
     if q is None or k is None:
         return "q or k do not come from the same qkv tensor through scalar scaling only"
+    order = [_split_index(g, t, split_t.output[0]) for t in (scores.input[0], scores.input[1], pv.input[1])]
+    if order != [0, 1, 2]:
+        return f"q, k, v are parts {order} of the qkv tensor, expected [0, 1, 2]"
     qkv_r = g.prod(split_t.input[0], "Reshape")
     if qkv_r is None:
         return "no Reshape to (N, T, 3, H, D/H) before the head split"
@@ -225,6 +222,38 @@ def _match_attention(g: _Graph, softmax, num_heads: int):
         if t in g.outputs:
             return "an intermediate tensor is a graph output"
     return mm.input[0], mm.input[1], bias_name, merge_r.output[0], q[0] * k[0] * post_scale, mm
+
+
+def _split_index(g: _Graph, name: str, split_out: str) -> int | None:
+    """Which part (0 q, 1 k, 2 v) of the (3, N, H, T, D/H) tensor `name` is taken from."""
+    for _ in range(16):
+        node = g.producer.get(name)
+        if node is None:
+            return None
+        if node.input and node.input[0] == split_out:
+            if node.op_type == "Slice":
+                starts = g.const(node.input[1])
+                axes = g.const(node.input[3]) if len(node.input) > 3 and node.input[3] else np.array([0])
+                ok = (
+                    starts is not None
+                    and axes is not None
+                    and starts.size == 1
+                    and int(axes.reshape(-1)[0]) == 0
+                )
+                return int(starts.reshape(-1)[0]) if ok else None
+            if node.op_type == "Gather":
+                idx = g.const(node.input[1])
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                return int(idx.reshape(-1)[0]) if idx is not None and idx.size == 1 and axis == 0 else None
+            if node.op_type == "Split":
+                return list(node.output).index(name) if name in node.output else None
+            return None
+        name = (
+            node.input[0]
+            if node.op_type not in ("Mul", "Div") or g.const(node.input[0]) is None
+            else node.input[1]
+        )
+    return None
 
 
 def _walk_to_split(g: _Graph, name: str):

@@ -47,8 +47,8 @@ TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_rel_err=1e-3, cosine_min=0.99999, top1_min=0.99),
     "fp16": Tolerance(max_rel_err=2e-2, cosine_min=0.999, top1_min=0.97),
     "bf16": Tolerance(max_rel_err=6e-2, cosine_min=0.995, top1_min=0.95),
-    "int8-dynamic": Tolerance(max_rel_err=0.25, cosine_min=0.95, top1_min=0.90),
-    "int8-static": Tolerance(max_rel_err=0.35, cosine_min=0.90, top1_min=0.85),
+    "int8-dynamic": Tolerance(max_rel_err=0.1, cosine_min=0.99, top1_min=0.95),
+    "int8-static": Tolerance(max_rel_err=0.15, cosine_min=0.98, top1_min=0.90),
 }
 
 

@@ -447,3 +447,23 @@ def test_batch_plan_covers_all_images_with_the_requested_sizes():
     assert batch_plan(4) == [1, 3]
     assert batch_plan(2) == [1, 1]
     assert sum(batch_plan(100)) == 100
+
+
+def test_attention_fusion_refuses_a_block_it_does_not_recognise(exported):
+    from onnx import numpy_helper
+
+    from export.optimize import OptimizeReport, _Graph, fuse_vit_attention
+
+    model = onnx.load(str(exported["out"] / "encoder.onnx"))
+    g = _Graph(model.graph)
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    scores = g.producer[softmax.input[0]]
+    node = g.producer[scores.input[0]]  # walk q back to the Slice taking part 0 of the qkv tensor
+    while node.op_type != "Slice":
+        node = g.producer[node.input[0]]
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([2], np.int64), "two"),
+                                    numpy_helper.from_array(np.array([3], np.int64), "three")])  # fmt: skip
+    node.input[1], node.input[2] = "two", "three"  # q now reads v's part: not an attention block any more
+    report = OptimizeReport()
+    assert fuse_vit_attention(model, num_heads=2, report=report) == 1  # only the untouched block
+    assert len(report.skipped) == 1 and "parts [2, 1, 2]" in report.skipped[0]
