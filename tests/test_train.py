@@ -287,3 +287,33 @@ def test_debug_recipe_on_gpu_bf16(tmp_path):
     assert res.steps == 16 and card["training"]["device"] == torch.cuda.get_device_name(0)
     assert all(math.isfinite(v) for v in train_losses(tmp_path))
     load_checkpoint(res.checkpoint)
+
+
+def test_webdataset_shards_train_for_several_epochs(tmp_path):
+    wds = pytest.importorskip("webdataset")
+    from tests.conftest import encode, synthetic_image
+
+    shard = tmp_path / "shard-000.tar"
+    with wds.TarWriter(str(shard)) as w:
+        for i in range(40):
+            w.write({"__key__": f"{i:04d}", "png": encode(synthetic_image(seed=i)), "cls": str(i % 2)})
+    val = tmp_path / "val"
+    for c in ("0", "1"):
+        (val / c).mkdir(parents=True)
+        synthetic_image(seed=99).save(val / c / "x.png")
+    cfg = small(
+        data=str(shard), dataset="wds", wds_samples=40, val_data=str(val), holdout=0, epochs=3, num_workers=0
+    )
+    res = train(cfg, tmp_path / "run")  # 3 steps per epoch of 12; the 40-image shard is re-read
+    assert res.steps == 9 and res.metrics["val_images"] == 2
+
+
+def test_ema_weights_and_periodic_snapshots(tmp_path):
+    res = train(small(ema_decay=0.9, save_every=1), tmp_path)
+    card = json.loads((tmp_path / FINAL / "model.json").read_text())
+    assert card["training"]["weights"] == "ema" and res.epochs == 2
+    assert run_state.load_state(tmp_path / "epoch_0001.pt")["epoch"] == 1
+    ema = run_state.load_state(tmp_path / "last.pt")["ema"]
+    model, _ = load_checkpoint(tmp_path / FINAL)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ema[k].to(v.dtype)), k

@@ -177,7 +177,11 @@ class StreamBatches:
         if self.it is None:
             self.it = iter(self.loader)
         for _ in range(start_step, self.steps_per_epoch):
-            x, y = next(self.it)
+            try:
+                x, y = next(self.it)
+            except StopIteration:  # every shard read: start another pass (reshuffled by webdataset)
+                self.it = iter(self.loader)
+                x, y = next(self.it)
             yield x.to(self.dist.device, non_blocking=True), torch.as_tensor(y).to(self.dist.device)
 
 
