@@ -1,0 +1,305 @@
+"""Load test of supmae-serve on loopback: N concurrent single-image clients for a bounded time, with dynamic
+batching on and off, against the backend's raw throughput measured in the same run.
+
+    nice -n 10 python benchmarks/serve_load.py                          # ViT-S/16 224 px, 16 clients, 3 repeats
+    python benchmarks/serve_load.py --variant micro_patch4_32 --duration 5 --repeats 1   # a quick smoke run
+
+Per repeat: (1) raw: `backend.classify` on ready-made batches of --max-batch-size images, in this process;
+(2) the server with batching (`supmae-serve --max-batch-size B --max-wait-ms W`) and (3) without
+(`--no-batching`: one image per model call), each loaded by --clients closed-loop clients that POST one JPEG
+to /v1/classify and wait for the answer. Both servers start once (warmed up) and stay idle while not measured.
+The table gives medians over the repeats; every phase stops by itself after --duration seconds (or
+--max-requests requests). The model has random weights (throughput does not depend on them).
+Targets (docs/benchmarks.md): batched >= 90% of raw and >= 2x unbatched at 16 clients, with zero errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Phase:
+    name: str
+    images_per_s: float
+    p50_ms: float = float("nan")
+    p95_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    errors: int = 0
+    requests: int = 0
+    mean_batch: float = float("nan")
+    error_samples: list[str] = field(default_factory=list)
+
+
+def test_image(size: int, seed: int = 0) -> bytes:
+    """A photo-like JPEG (smooth gradients + texture), a little larger than the model input so the server resizes."""
+    rng = np.random.default_rng(seed)
+    s = int(size * 1.15)
+    yy, xx = np.mgrid[0:s, 0:s] / s
+    base = np.stack([xx, yy, 1 - xx * yy], axis=-1) * 200
+    arr = np.clip(base + rng.normal(0, 12, size=(s, s, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_checkpoint(variant: str, folder: Path) -> Path:
+    from supmae_serve.model import create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(create_model(variant).eval(), folder, variant=variant)
+    return folder
+
+
+# ---------------------------------------------------------------------------- raw backend throughput
+def raw_throughput(model: Path, batch: int, seconds: float, threads: int) -> float:
+    from supmae_serve.backends.torch_backend import TorchBackend
+
+    torch.set_num_threads(threads)
+    backend = TorchBackend(model, device="cpu")
+    s = backend.card.preprocessing.image_size
+    x = torch.randn(batch, 3, s, s)
+    backend.classify(x)  # warm-up
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        backend.classify(x)
+        done += batch
+    return done / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------- servers
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(model: Path, extra: list[str], threads: int, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "supmae_serve.cli", "--model", str(model), "--port", str(port), "--no-demo"]
+    cmd += ["--threads", str(threads), "--log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: subprocess.Popen, base: str, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}")
+        try:
+            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{base} not ready after {timeout} s")
+
+
+def batch_stats(base: str) -> tuple[float, float]:
+    import httpx
+
+    text = httpx.get(base + "/metrics", timeout=10).text
+    get = lambda name: float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))  # noqa: E731
+    return get("supmae_batch_size_sum"), get("supmae_batch_size_count")
+
+
+# ---------------------------------------------------------------------------- load
+async def _load(base: str, image: bytes, clients: int, seconds: float, warmup_s: float, max_requests: int):
+    import httpx
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    start = time.perf_counter()
+    measure_from = start + warmup_s
+    stop_at = measure_from + seconds
+    count = 0
+
+    async def client(c: httpx.AsyncClient) -> None:
+        nonlocal count
+        while time.perf_counter() < stop_at and count < max_requests:
+            t0 = time.perf_counter()
+            try:
+                r = await c.post("/v1/classify", content=image, headers={"content-type": "image/jpeg"})
+                ok, why = r.status_code == 200, f"HTTP {r.status_code}: {r.text[:120]}"
+            except httpx.HTTPError as e:
+                ok, why = False, repr(e)
+            t1 = time.perf_counter()
+            if t0 >= measure_from and t1 <= stop_at:
+                count += 1
+                if ok:
+                    latencies.append(t1 - t0)
+                else:
+                    errors.append(why)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as c:
+        await asyncio.gather(*(client(c) for _ in range(clients)))
+    window = min(time.perf_counter(), stop_at) - measure_from
+    return latencies, errors, window
+
+
+def load_phase(
+    name: str, base: str, image: bytes, clients: int, seconds: float, warmup_s: float, max_requests: int
+) -> Phase:
+    s0, c0 = batch_stats(base)
+    lat, errors, window = asyncio.run(_load(base, image, clients, seconds, warmup_s, max_requests))
+    s1, c1 = batch_stats(base)
+    ms = np.array(lat) * 1000 if lat else np.array([float("nan")])
+    return Phase(
+        name,
+        len(lat) / window,
+        *(float(np.percentile(ms, q)) for q in (50, 95, 99)),
+        errors=len(errors),
+        requests=len(lat) + len(errors),
+        mean_batch=(s1 - s0) / max(c1 - c0, 1),
+        error_samples=errors[:3],
+    )
+
+
+# ---------------------------------------------------------------------------- the run
+def run(args: argparse.Namespace) -> list[list[Phase]]:
+    work = Path(tempfile.mkdtemp(prefix="serve_load_"))
+    model = Path(args.model) if args.model else make_checkpoint(args.variant, work / "ckpt")
+    from supmae_serve.model import load_model_card
+
+    size = load_model_card(model / "model.json").preprocessing.image_size
+    image = test_image(size)
+    batched_flags = ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
+    batched_flags += ["--max-queue", str(max(256, 4 * args.clients))]
+    servers = {
+        "server, batching": start_server(model, batched_flags, args.threads, work / "batched.log"),
+        "server, no batching": start_server(
+            model,
+            ["--no-batching", "--max-queue", str(max(256, 4 * args.clients))],
+            args.threads,
+            work / "unbatched.log",
+        ),
+    }
+    results = []
+    try:
+        for proc, base in servers.values():
+            wait_ready(proc, base)
+        for rep in range(args.repeats):
+            phases = [
+                Phase(
+                    f"raw backend, batch {args.max_batch_size}",
+                    raw_throughput(model, args.max_batch_size, args.duration, args.threads),
+                ),
+                Phase("raw backend, batch 1", raw_throughput(model, 1, args.duration / 2, args.threads)),
+            ]
+            for name, (_, base) in servers.items():
+                phases.append(
+                    load_phase(name, base, image, args.clients, args.duration, args.warmup, args.max_requests)
+                )
+            results.append(phases)
+            print(
+                f"repeat {rep + 1}/{args.repeats}:",
+                ", ".join(f"{p.name} {p.images_per_s:.1f}/s" for p in phases),
+                flush=True,
+            )
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return results
+
+
+def report(results: list[list[Phase]], args: argparse.Namespace) -> str:
+    def med(values):
+        values = [v for v in values if v == v]
+        return statistics.median(values) if values else float("nan")
+
+    names = [p.name for p in results[0]]
+    rows = {n: [rep[i] for rep in results] for i, n in enumerate(names)}
+    raw = med(p.images_per_s for p in rows[names[0]])
+    unbatched = med(p.images_per_s for p in rows["server, no batching"])
+    lines = [
+        f"{args.variant if not args.model else args.model}, {args.clients} clients x 1 image, {args.duration:g} s per phase, "
+        f"median of {len(results)}; batching: max batch {args.max_batch_size}, max wait {args.max_wait_ms:g} ms; "
+        f"torch threads {args.threads}",
+        "",
+        "| mode | images/s | vs raw | vs unbatched | p50 ms | p95 ms | p99 ms | mean batch | errors / requests |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for n in names:
+        ps = rows[n]
+        ips = med(p.images_per_s for p in ps)
+        server = n.startswith("server")
+
+        def cell(v: float, server: bool = server) -> str:
+            return f"{v:.0f}" if server else "-"
+
+        lines.append(
+            f"| {n} | {ips:.1f} | {ips / raw:.0%} | {ips / unbatched:.2f}x | "
+            f"{cell(med(p.p50_ms for p in ps))} | {cell(med(p.p95_ms for p in ps))} | {cell(med(p.p99_ms for p in ps))} | "
+            f"{f'{med(p.mean_batch for p in ps):.1f}' if server else '-'} | "
+            f"{f'{sum(p.errors for p in ps)} / {sum(p.requests for p in ps)}' if server else '-'} |"
+        )
+    batched = med(p.images_per_s for p in rows["server, batching"])
+    errors = sum(p.errors for n in names for p in rows[n])
+    lines += [
+        "",
+        f"targets: batched/raw = {batched / raw:.0%} (>= 90%: {'met' if batched >= 0.9 * raw else 'MISSED'}), "
+        f"batched/unbatched = {batched / unbatched:.2f}x (>= 2x: {'met' if batched >= 2 * unbatched else 'MISSED'}), "
+        f"errors = {errors} ({'met' if errors == 0 else 'MISSED'})",
+    ]
+    samples = [s for n in names for p in rows[n] for s in p.error_samples]
+    if samples:
+        lines.append("error samples: " + " | ".join(samples[:3]))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", default="small_patch16_224", help="model size to build with random weights")
+    p.add_argument("--model", default=None, help="an existing checkpoint folder instead of --variant")
+    p.add_argument(
+        "--clients", type=int, default=16, help="concurrent closed-loop clients, one image per request"
+    )
+    p.add_argument("--duration", type=float, default=20.0, help="measured seconds per phase")
+    p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each server phase")
+    p.add_argument("--max-requests", type=int, default=100_000, help="stop a phase after this many requests")
+    p.add_argument("--repeats", type=int, default=3, help="repeats; the table shows medians")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 2, help="torch intra-op threads (raw and servers)"
+    )
+    p.add_argument(
+        "--nice", type=int, default=10, help="lower this run's priority (other work shares the machine)"
+    )
+    args = p.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)
+    results = run(args)
+    print()
+    print(report(results, args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
