@@ -545,6 +545,14 @@ def measure_row(spec: RowSpec, cfg: BenchConfig, c: ModelConfig) -> RowResult:
     return res
 
 
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict:
     import timm
 
@@ -562,7 +570,8 @@ def environment(device: torch.device) -> dict:
         "transformers": tf_version,
         "python": platform.python_version(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
         "cpu_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
@@ -669,8 +678,11 @@ def format_row(r: dict, rows: list[dict]) -> str:
 
 def format_table(report: dict) -> str:
     env, rows, cfg = report["env"], report["rows"], report["config"]
+    where = env["device"]
+    if where == "cpu":
+        where = f"CPU {env.get('cpu', '?')} ({env.get('cpu_threads', '?')} torch threads)"
     head = (
-        f"{cfg['variant']}, batch {cfg['batch']}, {cfg['dtype']}, {env['device']}, torch {env['torch']}, "
+        f"{cfg['variant']}, batch {cfg['batch']}, {cfg['dtype']}, {where}, torch {env['torch']}, "
         f"timm {env['timm']}, transformers {env['transformers'] or 'absent'}, {env['date']}"
     )
     lines = [head, "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
