@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ExportError) as e:
         print(f"supmae-export: error: {e}", file=sys.stderr)
         return 2
-    print(format_table(result, cfg.latency_batches if not args.verify_only else ()))
+    print(format_table(result, cfg.latency_batches if cfg.latency and not args.verify_only else ()))
     print(f"\nmanifest: {result.manifest}")
     failed = result.failed
     if failed and cfg.verify:

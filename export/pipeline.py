@@ -298,11 +298,9 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = _stderr) -> Expor
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     do_onnx = "onnx" in cfg.formats or cfg.tensorrt or cfg.triton is not None
-    n_stages = 4 + (
-        (4 + ("int8" in cfg.precisions) + (cfg.calib_data is not None and "int8" in cfg.precisions))
-        if do_onnx
-        else 0
-    )
+    int8 = "int8" in cfg.precisions
+    onnx_stages = 2 + cfg.optimize + ("fp16" in cfg.precisions) + int8 + (int8 and cfg.calib_data is not None)
+    n_stages = 3 + (onnx_stages if do_onnx else 0)  # load, images, reference; encoder + reconstruct
     n_stages += ("timm" in cfg.formats) + cfg.tensorrt + (cfg.triton is not None) + cfg.latency
     progress = Progress(n_stages, log)
     records: list[Record] = []

@@ -17,6 +17,8 @@ Choices, and why (measured on the 2-core AVX2 dev CPU, docs/benchmarks.md):
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +55,24 @@ def _import_quantization():
     return quantization
 
 
+class _DropPreprocessHint(logging.Filter):
+    """onnxruntime.quantization logs "Please consider to run pre-processing" on every call: our graphs
+    are already shape-inferred and fused, so the hint is noise in the export's progress output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_hint():
+    root, f = logging.getLogger(), _DropPreprocessHint()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
+
+
 def _excluded_nodes(model_path: Path, ops: tuple[str, ...]) -> list[str]:
     import onnx
 
@@ -86,16 +106,17 @@ def quantize_dynamic_int8(
     q = _import_quantization()
     src, dst = Path(src), Path(dst)
     excluded = _excluded_nodes(src, config.exclude_ops)
-    q.quantize_dynamic(
-        str(src),
-        str(dst),
-        op_types_to_quantize=list(config.op_types),
-        per_channel=config.per_channel,
-        reduce_range=config.reduce_range,
-        weight_type=q.QuantType.QInt8,
-        nodes_to_exclude=excluded,
-        extra_options={"MatMulConstBOnly": True},
-    )
+    with _quiet_hint():
+        q.quantize_dynamic(
+            str(src),
+            str(dst),
+            op_types_to_quantize=list(config.op_types),
+            per_channel=config.per_channel,
+            reduce_range=config.reduce_range,
+            weight_type=q.QuantType.QInt8,
+            nodes_to_exclude=excluded,
+            extra_options={"MatMulConstBOnly": True},
+        )
     return QuantizeReport("dynamic", _count_ops(dst), excluded)
 
 
@@ -142,18 +163,19 @@ def quantize_static_int8(
         raise ExportError(
             f"calibrate_method must be one of {sorted(methods)}, got {config.calibrate_method!r}"
         )
-    q.quantize_static(
-        str(src),
-        str(dst),
-        ImageCalibrationReader(images, config.calib_batch),
-        quant_format=q.QuantFormat.QDQ,
-        op_types_to_quantize=list(config.static_op_types),
-        per_channel=config.per_channel,
-        reduce_range=True,
-        activation_type=q.QuantType.QUInt8,
-        weight_type=q.QuantType.QInt8,
-        nodes_to_exclude=excluded,
-        calibrate_method=methods[config.calibrate_method],
-        extra_options={"MatMulConstBOnly": True},
-    )
+    with _quiet_hint():
+        q.quantize_static(
+            str(src),
+            str(dst),
+            ImageCalibrationReader(images, config.calib_batch),
+            quant_format=q.QuantFormat.QDQ,
+            op_types_to_quantize=list(config.static_op_types),
+            per_channel=config.per_channel,
+            reduce_range=True,
+            activation_type=q.QuantType.QUInt8,
+            weight_type=q.QuantType.QInt8,
+            nodes_to_exclude=excluded,
+            calibrate_method=methods[config.calibrate_method],
+            extra_options={"MatMulConstBOnly": True},
+        )
     return QuantizeReport("static", _count_ops(dst), excluded, calibration_images=len(images))

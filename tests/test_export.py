@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -128,6 +129,8 @@ def test_export_completes_and_tensorrt_absence_is_explained(exported):
         "latency",
     ):
         assert stage in exported["stderr"]  # one progress line per stage
+    counts = [tuple(map(int, m)) for m in re.findall(r"^\[(\d+)/(\d+)\]", exported["stderr"], re.M)]
+    assert counts[-1][0] == counts[-1][1] == len({c[0] for c in counts})  # every announced stage ran
     table = exported["stdout"]
     assert "torch eager (reference)" in table and "ms @ b1" in table and "ms @ b2" in table
     assert "FAIL" not in table
