@@ -279,8 +279,9 @@ def build_optimizer(contender: Contender, lr: float | torch.Tensor, fused: bool,
             continue
         (no_decay if p.ndim < 2 or name in contender.no_decay else decay).append(p)
     groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
-    kw = {"fused": True} if fused else {"foreach": True, "capturable": capturable}
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **kw)
+    # capturable: the optimizer refuses a CUDA-graph capture of its step without it, fused or not
+    impl = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), capturable=capturable, **impl)
 
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

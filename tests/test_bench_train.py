@@ -140,6 +140,23 @@ def test_compiled_step_has_no_graph_breaks_in_the_model():
     assert r["levers"] == "compile + fused-adamw" and r["images_per_s"] > 0
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_optimizer_groups_and_graph_capturability(fused):
+    """Decay only on matrices; a step to be captured in a CUDA graph must be capturable (torch refuses
+    the capture otherwise, fused or not). Checked on the CPU, where both settings construct."""
+    c = tt.model_config(MICRO, num_classes=10)
+    contender = tt.make_contender(tt.RowSpec("ours"), c, torch.device("cpu"), "fp32")
+    opt = tt.build_optimizer(contender, torch.tensor(1e-3), fused=fused, capturable=True)
+    decay, no_decay = opt.param_groups
+    assert all(g["capturable"] for g in opt.param_groups) and bool(decay["fused"]) == fused
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"])
+    names = {id(p): n for n, p in contender.model.named_parameters()}
+    assert {"encoder.cls_token", "mask_token"} <= {names[id(p)] for p in no_decay["params"]}
+    n_trainable = sum(p.requires_grad for p in contender.model.parameters())
+    assert len(decay["params"]) + len(no_decay["params"]) == n_trainable
+
+
 def test_bad_arguments_get_clear_errors():
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         tt.main(["--device", "cpu", "--cuda-graphs"])
