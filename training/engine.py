@@ -407,11 +407,6 @@ def _amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     return None, False
 
 
-def _unwrap(m: nn.Module) -> nn.Module:
-    m = getattr(m, "_orig_mod", m)  # torch.compile
-    return getattr(m, "module", m)  # DDP
-
-
 def _build_model(cfg: TrainConfig, num_classes: int) -> tuple[SupMAE, str, dict]:
     if cfg.stage == "pretrain":
         model = pretrain_model(
@@ -573,6 +568,7 @@ def train(
         barrier()
 
     def evaluate() -> dict:
+        t_eval = time.perf_counter()
         res = {}
         if data.val is not None and mcfg.has_head:
             ev = evaluate_head(model, data.val, cfg.eval_batch_size, dist, prep, amp_dtype)
@@ -590,7 +586,13 @@ def train(
             model.eval()
             reconstruction_grid(model, x, prep, out / "recon" / f"epoch_{epoch:04d}.png")
             model.train(was)
-        rec = {"kind": "eval", "epoch": epoch, "step": step, **res}
+        rec = {
+            "kind": "eval",
+            "epoch": epoch,
+            "step": step,
+            **res,
+            "eval_s": round(time.perf_counter() - t_eval, 2),
+        }
         history.append(rec)
         metrics_log.write(rec)
         tb.scalars(res, step, "val")

@@ -17,7 +17,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from supmae_serve.model import ModelConfig, SupMAE, create_model, load_checkpoint
+from supmae_serve.model import SupMAE, create_model, load_checkpoint
 
 
 def pretrain_model(variant: str, num_classes: int, **overrides) -> SupMAE:
@@ -92,7 +92,3 @@ def export_model(model: SupMAE) -> SupMAE:
         )
         return out
     return model
-
-
-def model_config_of(model: SupMAE) -> ModelConfig:
-    return model.config
