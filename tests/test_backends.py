@@ -21,6 +21,7 @@ from supmae_serve.backends import (
 from supmae_serve.backends.base import Backend, pool_features, probs_from_logits
 from supmae_serve.backends.fake import FakeBackend, fake_card
 from supmae_serve.backends.graph import (
+    Artefact,
     GraphBackend,
     precision_preference,
     read_manifest,
@@ -249,14 +250,14 @@ def test_manifest_and_artefact_selection(tmp_path):
     arts = read_manifest(tmp_path)
     assert arts[2].extra == {"calibration": None}
 
-    def pick(prec, gpu, suffixes=(".onnx",)):
-        return select_artefact(arts, "encoder", suffixes, precision_preference(prec, gpu)).file
+    def pick(prec, gpu, formats=("onnx",)):
+        return select_artefact(arts, "encoder", formats, precision_preference(prec, gpu)).file
 
     assert pick("auto", False) == "encoder.onnx"
     assert pick("auto", True) == "encoder.fp16.onnx"
     assert pick("int8", False) == "encoder.int8.onnx"
-    assert pick("auto", True, (".engine",)) == "encoder.fp16.engine"
-    assert select_artefact(arts, "encoder", (".engine",), ["fp32"]) is None
+    assert pick("auto", True, ("tensorrt-plan",)) == "encoder.fp16.engine"  # format from the file name
+    assert select_artefact(arts, "encoder", ("tensorrt-plan",), ["fp32"]) is None
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(BackendError, match="malformed manifest"):
         read_manifest(tmp_path)
@@ -354,6 +355,61 @@ def test_auto_rule_int8_and_nothing_to_run(tmp_path, ckpt):
     (only_card / "model.json").write_text((ckpt / "model.json").read_text())
     with pytest.raises(BackendError, match="nothing this machine can run"):
         choose_backend(BackendConfig(model=only_card), probe)
+
+
+def test_auto_falls_back_to_the_next_candidate(tmp_path, ckpt, caplog):
+    from supmae_serve.backends.registry import backend_candidates
+
+    export = _export(tmp_path / "export", ("encoder.onnx", "fp32"))
+    (export / "model.json").write_text((ckpt / "model.json").read_text())
+    (export / "encoder.onnx").write_bytes(b"not an onnx graph")
+    cfg = BackendConfig(model=ckpt, export_dir=export)
+    probe = RuntimeProbe(cuda=False, ort_providers=CPU_ORT, tensorrt=False)
+    assert [c[:2] for c in backend_candidates(cfg, probe)] == [("onnxruntime", "cpu"), ("torch", "cpu")]
+    with caplog.at_level("WARNING", logger="supmae.backends"):
+        b = create_backend(cfg, probe)
+    assert b.info().name == "torch" and "onnxruntime on cpu" in caplog.text and "cannot load" in caplog.text
+    with pytest.raises(BackendError, match="cannot load"):  # named explicitly: no fallback
+        create_backend(BackendConfig(model=ckpt, export_dir=export, backend="onnxruntime"), probe)
+
+
+def test_engine_and_format_selection():
+    from supmae_serve.backends.tensorrt_backend import engine_fits
+
+    engines = [
+        Artefact(
+            "encoder.fp16.sm80.trt10.7.0.plan",
+            "encoder",
+            "fp16",
+            "tensorrt-plan",
+            {"tensorrt": {"arch": "sm80", "version": "10.7.0"}},
+        ),
+        Artefact(
+            "encoder.fp16.sm90.trt10.7.0.plan",
+            "encoder",
+            "fp16",
+            "tensorrt-plan",
+            {"tensorrt": {"arch": "sm90", "version": "10.7.0"}},
+        ),
+        Artefact(
+            "encoder.fp16.engine", "encoder", "fp16"
+        ),  # nothing recorded: format from the name, fits anything
+    ]
+
+    def pick(arch, ver):
+        return select_artefact(  # noqa: E731
+            engines, "encoder", ("tensorrt-plan",), ["fp16"], lambda a: engine_fits(a, arch, ver)
+        ).file
+
+    assert pick("sm90", "10.7.0") == "encoder.fp16.sm90.trt10.7.0.plan"
+    assert pick("sm80", "10.7.0") == "encoder.fp16.sm80.trt10.7.0.plan"
+    assert pick("sm90", "10.8.0") == "encoder.fp16.engine"
+    onnx = [
+        Artefact("encoder.onnx", "encoder", "fp32", "onnx"),
+        Artefact("encoder.opt.onnx", "encoder", "fp32", "onnx-ort"),
+    ]
+    assert select_artefact(onnx, "encoder", ("onnx-ort", "onnx"), ["fp32"]).file == "encoder.opt.onnx"
+    assert select_artefact(onnx, "encoder", ("onnx",), ["fp32"]).file == "encoder.onnx"
 
 
 def test_create_backend_errors_are_clear(tmp_path, ckpt):

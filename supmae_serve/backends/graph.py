@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +38,9 @@ from .base import (
 MANIFEST_NAME = "manifest.json"
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+# manifest "format": standard ONNX ops, ONNX with onnxruntime contrib ops (fused attention, CPU), TensorRT engine
+ONNX_FORMATS = ("onnx", "onnx-ort")
+ENGINE_FORMAT = "tensorrt-plan"
 
 
 @dataclass(frozen=True)
@@ -45,11 +48,20 @@ class Artefact:
     file: str
     kind: str  # "encoder" | "reconstruct" | ...
     precision: str  # "fp32" | "fp16" | "int8-dynamic" | ...
+    format: str = ""  # "onnx" | "onnx-ort" | "tensorrt-plan" | ...; inferred from the file name when absent
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def suffix(self) -> str:
         return Path(self.file).suffix.lower()
+
+    @property
+    def fmt(self) -> str:
+        if self.format:
+            return self.format
+        if self.suffix in ENGINE_SUFFIXES:
+            return ENGINE_FORMAT
+        return "onnx" if self.suffix in ONNX_SUFFIXES else self.suffix.lstrip(".")
 
 
 def read_manifest(folder: str | os.PathLike) -> list[Artefact]:
@@ -66,7 +78,8 @@ def read_manifest(folder: str | os.PathLike) -> list[Artefact]:
                 file=str(a["file"]),
                 kind=str(a["kind"]),
                 precision=str(a.get("precision", "fp32")),
-                extra={k: v for k, v in a.items() if k not in ("file", "kind", "precision")},
+                format=str(a.get("format", "")),
+                extra={k: v for k, v in a.items() if k not in ("file", "kind", "precision", "format")},
             )
             for a in items
         ]
@@ -82,14 +95,21 @@ def precision_matches(artefact_precision: str, wanted: str) -> bool:
 
 
 def select_artefact(
-    artefacts: Sequence[Artefact], kind: str, suffixes: Sequence[str], precisions: Sequence[str]
+    artefacts: Sequence[Artefact],
+    kind: str,
+    formats: Sequence[str],
+    precisions: Sequence[str],
+    accept: Callable[[Artefact], bool] | None = None,
 ) -> Artefact | None:
-    """The first artefact of `kind` with a matching file type, trying `precisions` in order."""
-    candidates = [a for a in artefacts if a.kind == kind and a.suffix in suffixes]
+    """The first artefact of `kind`, trying `precisions` in order, then `formats` in order."""
+    candidates = [
+        a for a in artefacts if a.kind == kind and a.fmt in formats and (accept is None or accept(a))
+    ]
     for p in precisions:
-        for a in candidates:
-            if precision_matches(a.precision, p):
-                return a
+        for f in formats:
+            for a in candidates:
+                if a.fmt == f and precision_matches(a.precision, p):
+                    return a
     return None
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .base import BackendError
-from .graph import ONNX_SUFFIXES, GraphBackend, load_export, precision_preference, select_artefact
+from .graph import GraphBackend, load_export, precision_preference, select_artefact
 
 TRT_EP = "TensorrtExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
@@ -134,7 +134,10 @@ class OnnxBackend(GraphBackend):
             import_onnxruntime()  # raises with the install hint
         on_gpu = device != "cpu" and any(p in available for p in (TRT_EP, CUDA_EP))
         wanted = precision_preference(precision, on_gpu)
-        enc = select_artefact(artefacts, "encoder", ONNX_SUFFIXES, wanted)
+        # the graph with onnxruntime's fused CPU kernels (format onnx-ort) on the CPU; standard ops on a GPU,
+        # where the TensorRT/CUDA providers do their own fusion
+        formats = ("onnx",) if on_gpu else ("onnx-ort", "onnx")
+        enc = select_artefact(artefacts, "encoder", formats, wanted)
         if enc is None:
             have = ", ".join(f"{a.file} ({a.kind}, {a.precision})" for a in artefacts) or "nothing"
             raise BackendError(
@@ -151,7 +154,7 @@ class OnnxBackend(GraphBackend):
             available, device, fp16=enc.precision == "fp16", trt_cache=cache, trt_profile=profile
         )
         encoder = OrtRunner(folder / enc.file, providers, threads)
-        rec = select_artefact(artefacts, "reconstruct", ONNX_SUFFIXES, [enc.precision, *wanted, "fp32"])
+        rec = select_artefact(artefacts, "reconstruct", ("onnx",), [enc.precision, *wanted, "fp32"])
         reconstructor = None
         if rec is not None and card.capabilities["reconstruct"]:
             # the reconstruction graph's K varies with mask_ratio: no TensorRT EP (it would rebuild per shape)

@@ -9,14 +9,16 @@
 5. torch        - a checkpoint, on the CPU.
 
 `--device cpu` skips 1-3; `--precision int8` allows only onnxruntime (an int8 export). The export folder is
-`--export-dir`, or `--model` itself when it holds a manifest.json.
+`--export-dir`, or `--model` itself when it holds a manifest.json. A candidate that fails to load (an engine
+built for another GPU or TensorRT version, a provider that cannot start) is logged and the next one is tried.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +26,9 @@ import torch
 from supmae_serve.model.checkpoint import CARD_NAME, WEIGHTS_NAME
 
 from .base import Backend, BackendError
-from .graph import ENGINE_SUFFIXES, MANIFEST_NAME, ONNX_SUFFIXES, read_manifest
+from .graph import ENGINE_FORMAT, MANIFEST_NAME, ONNX_FORMATS, read_manifest
+
+log = logging.getLogger("supmae.backends")
 
 
 @dataclass(frozen=True)
@@ -105,36 +109,45 @@ class RuntimeProbe:
             self.ort_providers = available_providers()
 
 
-def choose_backend(cfg: BackendConfig, probe: RuntimeProbe | None = None) -> tuple[str, str]:
-    """(backend name, why) by the `auto` rule in this module's docstring."""
+def backend_candidates(cfg: BackendConfig, probe: RuntimeProbe | None = None) -> list[tuple[str, str, str]]:
+    """Every (backend, device, why) the `auto` rule allows here, fastest first; one entry when a backend is named."""
     if cfg.backend != "auto":
-        return cfg.backend, "asked for"
+        return [(cfg.backend, cfg.device, "asked for")]
     probe = probe or RuntimeProbe()
     export = export_dir_of(cfg)
     artefacts = read_manifest(export) if export else []
-    has_engine = any(a.kind == "encoder" and a.suffix in ENGINE_SUFFIXES for a in artefacts)
-    has_onnx = any(a.kind == "encoder" and a.suffix in ONNX_SUFFIXES for a in artefacts)
+    has_engine = any(a.kind == "encoder" and a.fmt == ENGINE_FORMAT for a in artefacts)
+    has_onnx = any(a.kind == "encoder" and a.fmt in ONNX_FORMATS for a in artefacts)
     ckpt = checkpoint_of(cfg)
     gpu_ok = cfg.device != "cpu"
     ort_gpu = any(p in probe.ort_providers for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider"))
     if cfg.precision == "int8":
         if has_onnx:
-            return "onnxruntime", "int8 runs only as an int8 ONNX export"
+            return [("onnxruntime", cfg.device, "int8 runs only as an int8 ONNX export")]
         raise BackendError("--precision int8 needs an export folder with an int8 ONNX encoder")
+    out = []
     if gpu_ok and has_engine and probe.tensorrt and probe.cuda:
-        return "tensorrt", "TensorRT engine and a CUDA GPU"
+        out.append(("tensorrt", cfg.device, "TensorRT engine and a CUDA GPU"))
     if gpu_ok and has_onnx and ort_gpu:
-        return "onnxruntime", "ONNX export and onnxruntime with a GPU provider"
+        out.append(("onnxruntime", cfg.device, "ONNX export and onnxruntime with a GPU provider"))
     if gpu_ok and ckpt is not None and probe.cuda:
-        return "torch", "checkpoint and a CUDA GPU"
+        out.append(("torch", cfg.device, "checkpoint and a CUDA GPU"))
     if has_onnx and probe.ort_providers:
-        return "onnxruntime", "ONNX export on the CPU"
+        out.append(("onnxruntime", "cpu", "ONNX export on the CPU"))
     if ckpt is not None:
-        return "torch", "checkpoint on the CPU"
-    raise BackendError(
-        f"nothing this machine can run at {cfg.model}: no {WEIGHTS_NAME} for torch and no usable export "
-        "(ONNX needs onnxruntime, engines need tensorrt and a GPU)"
-    )
+        out.append(("torch", "cpu", "checkpoint on the CPU"))
+    if not out:
+        raise BackendError(
+            f"nothing this machine can run at {cfg.model}: no {WEIGHTS_NAME} for torch and no usable export "
+            "(ONNX needs onnxruntime, engines need tensorrt and a GPU)"
+        )
+    return out
+
+
+def choose_backend(cfg: BackendConfig, probe: RuntimeProbe | None = None) -> tuple[str, str]:
+    """(backend name, why) by the `auto` rule in this module's docstring."""
+    name, _, why = backend_candidates(cfg, probe)[0]
+    return name, why
 
 
 # ---------------------------------------------------------------------------- factories
@@ -196,8 +209,21 @@ def register_backend(name: str, factory: Callable[[BackendConfig], Backend]) -> 
 
 
 def create_backend(cfg: BackendConfig, probe: RuntimeProbe | None = None) -> Backend:
+    """The backend `cfg` names; with `auto`, the first candidate that loads (a failure is logged, and the
+    next one is tried: an engine built for another GPU falls back to onnxruntime, and so on)."""
     check_model_path(cfg.model)
-    name, _ = choose_backend(cfg, probe)
-    if name not in REGISTRY:
-        raise BackendError(f"unknown backend {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](cfg)
+    failures = []
+    for name, device, why in backend_candidates(cfg, probe):
+        if name not in REGISTRY:
+            raise BackendError(f"unknown backend {name!r}; known: {', '.join(sorted(REGISTRY))}")
+        try:
+            backend = REGISTRY[name](replace(cfg, device=device))
+        except BackendError as e:
+            if cfg.backend != "auto":
+                raise
+            log.warning("auto: %s on %s (%s) failed: %s; trying the next backend", name, device, why, e)
+            failures.append(f"{name} on {device}: {e}")
+            continue
+        log.info("backend %s on %s: %s", name, device, why)
+        return backend
+    raise BackendError("no backend could be created: " + "; ".join(failures))

@@ -20,8 +20,8 @@ import torch
 
 from .base import BackendError, resolve_device
 from .graph import (
-    ENGINE_SUFFIXES,
-    ONNX_SUFFIXES,
+    ENGINE_FORMAT,
+    Artefact,
     GraphBackend,
     load_export,
     precision_preference,
@@ -105,6 +105,13 @@ class TrtRunner:
         return {n: buffers[n].float().cpu().numpy() for n in outputs}
 
 
+def engine_fits(artefact: Artefact, arch: str, trt_version: str) -> bool:
+    """An engine runs only on the GPU architecture and TensorRT version it was built with (recorded by
+    supmae-export under "tensorrt": {"arch": "sm90", "version": "10.7.0"}; unrecorded means unknown: try it)."""
+    info = artefact.extra.get("tensorrt") or {}
+    return info.get("arch", arch) == arch and info.get("version", trt_version) == trt_version
+
+
 class TensorRTBackend(GraphBackend):
     """`Backend` over the TensorRT engines of a `supmae-export` folder."""
 
@@ -121,23 +128,29 @@ class TensorRTBackend(GraphBackend):
                 "the tensorrt backend runs on a CUDA device; use --backend onnxruntime or torch on the CPU"
             )
         wanted = precision_preference(precision, on_gpu=True)
-        enc = select_artefact(artefacts, "encoder", ENGINE_SUFFIXES, wanted)
+        trt = import_tensorrt()
+        major, minor = torch.cuda.get_device_capability(dev)
+
+        def fits(a: Artefact) -> bool:
+            return engine_fits(a, f"sm{major}{minor}", trt.__version__)
+
+        enc = select_artefact(artefacts, "encoder", (ENGINE_FORMAT,), wanted, fits)
         if enc is None:
+            have = [f"{a.file} ({a.precision})" for a in artefacts if a.fmt == ENGINE_FORMAT] or ["none"]
             raise BackendError(
-                f"{folder}: no TensorRT engine for the encoder with precision {' or '.join(wanted)} "
-                "(build one with supmae-export --tensorrt)"
+                f"{folder}: no TensorRT encoder engine with precision {' or '.join(wanted)} built for this GPU "
+                f"(sm{major}{minor}) and TensorRT {trt.__version__}; engines there: {', '.join(have)}. "
+                "Engines are specific to both: build one here with supmae-export --tensorrt"
             )
         encoder = TrtRunner(folder / enc.file, dev)
         reconstructor = None
         rec_file = None
         if card.capabilities["reconstruct"]:
-            rec = select_artefact(artefacts, "reconstruct", ENGINE_SUFFIXES, [enc.precision, *wanted])
+            rec = select_artefact(artefacts, "reconstruct", (ENGINE_FORMAT,), [enc.precision, *wanted], fits)
             if rec is not None:
                 reconstructor, rec_file = TrtRunner(folder / rec.file, dev), rec.file
             else:
-                rec = select_artefact(
-                    artefacts, "reconstruct", ONNX_SUFFIXES, [enc.precision, *wanted, "fp32"]
-                )
+                rec = select_artefact(artefacts, "reconstruct", ("onnx",), [enc.precision, *wanted, "fp32"])
                 if rec is not None:
                     from .onnx_backend import OrtRunner, available_providers, choose_providers
 
