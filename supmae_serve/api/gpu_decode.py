@@ -11,6 +11,7 @@ Tested only on a GPU (tests marked `gpu`).
 from __future__ import annotations
 
 import io
+import threading
 
 import torch
 from PIL import Image
@@ -19,6 +20,9 @@ from supmae_serve.model.checkpoint import Preprocessing
 from supmae_serve.preprocess import ImageError, ImageLimits, uint8_to_input
 
 _EXIF_ORIENTATION = 0x0112
+# torchvision's CUDA decoder shares one nvjpeg handle and writes on its own stream (pytorch/vision#8587,
+# #9606): decode one image at a time and wait for it before the tensor is used elsewhere.
+_LOCK = threading.Lock()
 
 
 def decode_jpeg_gpu(
@@ -42,7 +46,10 @@ def decode_jpeg_gpu(
 
     try:
         raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        x = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)  # (3, H, W) uint8 on the GPU
+        with _LOCK:
+            x = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)  # (3, H, W) uint8 on the GPU
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(device)
     except (RuntimeError, ImageError):
         return None
     if tuple(x.shape[1:]) != (h, w):
