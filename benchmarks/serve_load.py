@@ -46,6 +46,8 @@ class Phase:
     errors: int = 0
     requests: int = 0
     mean_batch: float = float("nan")
+    cpu_ms_per_image: float = float("nan")  # server (or raw backend) CPU time per image: immune to other load
+    client_cpu_ms: float = float("nan")  # the load generator's CPU time per request
     error_samples: list[str] = field(default_factory=list)
 
 
@@ -78,11 +80,11 @@ def raw_throughput(model: Path, batch: int, seconds: float, threads: int) -> flo
     s = backend.card.preprocessing.image_size
     x = torch.randn(batch, 3, s, s)
     backend.classify(x)  # warm-up
-    done, t0 = 0, time.perf_counter()
+    done, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         backend.classify(x)
         done += batch
-    return done / (time.perf_counter() - t0)
+    return done / (time.perf_counter() - t0), (time.process_time() - c0) * 1000 / done
 
 
 # ---------------------------------------------------------------------------- servers
@@ -116,6 +118,12 @@ def wait_ready(proc: subprocess.Popen, base: str, timeout: float = 600) -> None:
     raise TimeoutError(f"{base} not ready after {timeout} s")
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def batch_stats(base: str) -> tuple[float, float]:
     import httpx
 
@@ -125,9 +133,41 @@ def batch_stats(base: str) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------- load
-async def _load(base: str, image: bytes, clients: int, seconds: float, warmup_s: float, max_requests: int):
-    import httpx
+class Connection:
+    """A minimal keep-alive HTTP/1.1 client (like wrk's): the load generator shares the 2 CPU cores with the
+    server, so it must cost far less per request than the server does (httpx costs about a millisecond)."""
 
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        try:
+            self.writer.write(head + body)
+            await self.writer.drain()
+            header = await self.reader.readuntil(b"\r\n\r\n")
+            status = int(header.split(b" ", 2)[1])
+            length = int(re.search(rb"(?i)content-length:\s*(\d+)", header).group(1))
+            return status, await self.reader.readexactly(length)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, AttributeError):
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
+async def _load(base: str, image: bytes, clients: int, seconds: float, warmup_s: float, max_requests: int):
+    host, port = base.removeprefix("http://").split(":")
     latencies: list[float] = []
     errors: list[str] = []
     start = time.perf_counter()
@@ -135,14 +175,15 @@ async def _load(base: str, image: bytes, clients: int, seconds: float, warmup_s:
     stop_at = measure_from + seconds
     count = 0
 
-    async def client(c: httpx.AsyncClient) -> None:
+    async def client() -> None:
         nonlocal count
+        conn = Connection(host, int(port))
         while time.perf_counter() < stop_at and count < max_requests:
             t0 = time.perf_counter()
             try:
-                r = await c.post("/v1/classify", content=image, headers={"content-type": "image/jpeg"})
-                ok, why = r.status_code == 200, f"HTTP {r.status_code}: {r.text[:120]}"
-            except httpx.HTTPError as e:
+                status, body = await conn.post("/v1/classify", image, "image/jpeg")
+                ok, why = status == 200, f"HTTP {status}: {body[:120]!r}"
+            except Exception as e:  # noqa: BLE001 - every failure is an error to report
                 ok, why = False, repr(e)
             t1 = time.perf_counter()
             if t0 >= measure_from and t1 <= stop_at:
@@ -151,20 +192,30 @@ async def _load(base: str, image: bytes, clients: int, seconds: float, warmup_s:
                     latencies.append(t1 - t0)
                 else:
                     errors.append(why)
+        await conn.close()
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as c:
-        await asyncio.gather(*(client(c) for _ in range(clients)))
+    await asyncio.gather(*(client() for _ in range(clients)))
     window = min(time.perf_counter(), stop_at) - measure_from
     return latencies, errors, window
 
 
 def load_phase(
-    name: str, base: str, image: bytes, clients: int, seconds: float, warmup_s: float, max_requests: int
+    name: str,
+    pid: int,
+    base: str,
+    image: bytes,
+    clients: int,
+    seconds: float,
+    warmup_s: float,
+    max_requests: int,
 ) -> Phase:
-    s0, c0 = batch_stats(base)
+    images0, batches0 = batch_stats(base)
+    cpu0, me0 = process_cpu_s(pid), time.process_time()
     lat, errors, window = asyncio.run(_load(base, image, clients, seconds, warmup_s, max_requests))
-    s1, c1 = batch_stats(base)
+    cpu1, me1 = process_cpu_s(pid), time.process_time()
+    images1, batches1 = batch_stats(base)
+    # every image the server ran in the phase, warm-up included (as in the CPU times)
+    images, batches = max(images1 - images0, 1), max(batches1 - batches0, 1)
     ms = np.array(lat) * 1000 if lat else np.array([float("nan")])
     return Phase(
         name,
@@ -172,7 +223,9 @@ def load_phase(
         *(float(np.percentile(ms, q)) for q in (50, 95, 99)),
         errors=len(errors),
         requests=len(lat) + len(errors),
-        mean_batch=(s1 - s0) / max(c1 - c0, 1),
+        mean_batch=images / batches,
+        cpu_ms_per_image=(cpu1 - cpu0) * 1000 / images,
+        client_cpu_ms=(me1 - me0) * 1000 / images,
         error_samples=errors[:3],
     )
 
@@ -201,16 +254,22 @@ def run(args: argparse.Namespace) -> list[list[Phase]]:
         for proc, base in servers.values():
             wait_ready(proc, base)
         for rep in range(args.repeats):
-            phases = [
-                Phase(
-                    f"raw backend, batch {args.max_batch_size}",
-                    raw_throughput(model, args.max_batch_size, args.duration, args.threads),
-                ),
-                Phase("raw backend, batch 1", raw_throughput(model, 1, args.duration / 2, args.threads)),
-            ]
-            for name, (_, base) in servers.items():
+            phases = []
+            for batch, seconds in ((args.max_batch_size, args.duration), (1, args.duration / 2)):
+                ips, cpu = raw_throughput(model, batch, seconds, args.threads)
+                phases.append(Phase(f"raw backend, batch {batch}", ips, cpu_ms_per_image=cpu))
+            for name, (proc, base) in servers.items():
                 phases.append(
-                    load_phase(name, base, image, args.clients, args.duration, args.warmup, args.max_requests)
+                    load_phase(
+                        name,
+                        proc.pid,
+                        base,
+                        image,
+                        args.clients,
+                        args.duration,
+                        args.warmup,
+                        args.max_requests,
+                    )
                 )
             results.append(phases)
             print(
@@ -242,8 +301,9 @@ def report(results: list[list[Phase]], args: argparse.Namespace) -> str:
         f"median of {len(results)}; batching: max batch {args.max_batch_size}, max wait {args.max_wait_ms:g} ms; "
         f"torch threads {args.threads}",
         "",
-        "| mode | images/s | vs raw | vs unbatched | p50 ms | p95 ms | p99 ms | mean batch | errors / requests |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| mode | images/s | vs raw | vs unbatched | p50 ms | p95 ms | p99 ms | mean batch | CPU ms/image "
+        "(server or raw) | client CPU ms/image | errors / requests |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for n in names:
         ps = rows[n]
@@ -257,6 +317,8 @@ def report(results: list[list[Phase]], args: argparse.Namespace) -> str:
             f"| {n} | {ips:.1f} | {ips / raw:.0%} | {ips / unbatched:.2f}x | "
             f"{cell(med(p.p50_ms for p in ps))} | {cell(med(p.p95_ms for p in ps))} | {cell(med(p.p99_ms for p in ps))} | "
             f"{f'{med(p.mean_batch for p in ps):.1f}' if server else '-'} | "
+            f"{med(p.cpu_ms_per_image for p in ps):.1f} | "
+            f"{f'{med(p.client_cpu_ms for p in ps):.1f}' if server else '-'} | "
             f"{f'{sum(p.errors for p in ps)} / {sum(p.requests for p in ps)}' if server else '-'} |"
         )
     batched = med(p.images_per_s for p in rows["server, batching"])
@@ -267,6 +329,9 @@ def report(results: list[list[Phase]], args: argparse.Namespace) -> str:
         f"batched/unbatched = {batched / unbatched:.2f}x (>= 2x: {'met' if batched >= 2 * unbatched else 'MISSED'}), "
         f"errors = {errors} ({'met' if errors == 0 else 'MISSED'})",
     ]
+    if len(results) > 1:
+        spread = {n: [round(p.images_per_s, 1) for p in rows[n]] for n in names}
+        lines.append("per repeat (images/s): " + "; ".join(f"{n}: {v}" for n, v in spread.items()))
     samples = [s for n in names for p in rows[n] for s in p.error_samples]
     if samples:
         lines.append("error samples: " + " | ".join(samples[:3]))

@@ -163,6 +163,7 @@ class Settings(BaseSettings):
             precision=self.precision,
             compile=self.compile,
             threads=self.threads,
+            max_batch_size=self.max_batch_size if self.batching else 1,
         )
 
     def to_env(self) -> dict[str, str]:

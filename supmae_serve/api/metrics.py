@@ -14,8 +14,9 @@ With several uvicorn workers each process keeps its own metrics (scrape per repl
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
-import uuid
 from collections.abc import Hashable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -93,6 +94,8 @@ class MetricsMiddleware:
     def __init__(self, app, metrics: ServiceMetrics):
         self.app = app
         self.metrics = metrics
+        self.prefix = os.urandom(6).hex()  # request ids: unique per process start, cheap per request
+        self.counter = itertools.count(1)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -103,7 +106,7 @@ class MetricsMiddleware:
         request_id = next(
             (v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"x-request-id"), None
         )
-        request_id = (request_id or uuid.uuid4().hex)[:64]
+        request_id = (request_id or f"{self.prefix}-{next(self.counter):x}")[:64]
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":

@@ -226,11 +226,12 @@ async def embed(request: Request, service: Service) -> JSONResponse:
 
 async def classify(request: Request, service: Service) -> JSONResponse:
     """The top-k classes of each image, with softmax probabilities and the model card's class names."""
-    labels = service.card.class_names or [f"class_{i}" for i in range(service.card.config.num_classes)]
+    labels = service.labels
 
     def render(o: ClassifyOptions, index: int, probs: np.ndarray, _x) -> dict:
         k = min(o.top_k, probs.shape[0])
-        best = np.argsort(-probs)[:k]
+        best = np.argpartition(-probs, k - 1)[:k] if k < probs.shape[0] else np.arange(k)
+        best = best[np.argsort(-probs[best], kind="stable")]  # the k best, best first
         preds = [{"label": labels[j], "class_index": int(j), "score": float(probs[j])} for j in best]
         return {"index": index, "object": "classification", "predictions": preds}
 

@@ -69,6 +69,7 @@ class InferenceService:
     def __init__(self, settings: Settings, card: ModelCard, backend: Backend | None = None):
         self.settings = settings
         self.card = card
+        self.labels = class_labels(card)
         self.backend: Backend | None = backend
         self._injected = backend is not None
         self.metrics = ServiceMetrics()
@@ -102,6 +103,7 @@ class InferenceService:
         if self.backend is None:
             self.backend = create_backend(self.settings.backend_config())
             self.card = self.backend.card
+            self.labels = class_labels(self.card)
         self.loaded = True
         self.backend_info = self.backend.info()
         log.info(
