@@ -191,8 +191,10 @@ def debug() -> TrainConfig:
     """A micro SupMAE on synthetic images: checks the whole pipeline in seconds on a CPU.
 
     Command:  supmae-train --recipe debug --out runs/debug
-    Time:     about 10 s on 2 CPU cores (micro_patch4_32, 256 synthetic 32-px images, 4 epochs).
-    Expected: the loss falls over the run; the accuracy is meaningless (random images and labels).
+    Time:     the 24 steps take a few seconds on 2 CPU cores (micro_patch4_32, 256 synthetic 32-px
+              images, 4 epochs); 25 s wall on the loaded dev machine, mostly Python start-up.
+    Expected: the loss falls (4.7 -> 3.3 here); hold-out top-1 about 0.3 on the 10 synthetic stripe
+              classes (chance 0.1).
     """
     return TrainConfig(
         variant="micro_patch4_32",
