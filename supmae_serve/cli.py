@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -126,8 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     if settings.workers == 1:
         uvicorn.run(app, **common)
     else:
-        # each worker process rebuilds the same settings from the environment
+        # each worker process rebuilds the same settings from the environment; uvicorn restarts a worker that
+        # does not answer its health ping within timeout_worker_healthcheck (5 s by default), which loading
+        # torch and a model can exceed on a busy machine
         os.environ.update(settings.to_env())
+        if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:
+            common["timeout_worker_healthcheck"] = 120
         uvicorn.run("supmae_serve.api.app:app_from_env", factory=True, workers=settings.workers, **common)
     return 0
 

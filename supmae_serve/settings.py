@@ -13,8 +13,6 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from supmae_serve.preprocess import ImageLimits
-
 # The bundled default model: a ViT-T/4 SupMAE trained on CIFAR-10, stored as fp16 (model.json + model.safetensors).
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "cifar10_vit_tiny"
 
@@ -135,7 +133,11 @@ class Settings(BaseSettings):
         return self
 
     # ------------------------------------------------------------------ typed views passed inward
-    def image_limits(self) -> ImageLimits:
+    # (imports inside: reading settings must not load torch, so `supmae-serve --help` and uvicorn's worker
+    # bootstrap stay fast)
+    def image_limits(self):
+        from supmae_serve.preprocess import ImageLimits
+
         return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_pixels, min_side=self.min_side)
 
     def batch_config(self):

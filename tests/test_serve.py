@@ -224,6 +224,48 @@ def test_graceful_shutdown_finishes_requests_in_flight(tmp_path):
         stop(proc)
 
 
+@pytest.mark.slow
+def test_several_worker_processes(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "ck")
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "supmae_serve.cli",
+        "--model",
+        str(ckpt),
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        [*cmd, "--no-demo", "--threads", "1"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, base)
+        for _ in range(4):
+            r = httpx.post(
+                base + "/v1/classify", content=PNG, headers={"content-type": "image/png"}, timeout=30
+            )
+            assert r.status_code == 200
+    finally:
+        stop(proc)
+    log = proc.stdout.read()
+    assert log.count("Application startup complete") == 2 and "died" not in log, log
+
+
+def test_reading_settings_does_not_load_torch():
+    """uvicorn's worker bootstrap re-imports the entry point and kills workers silent for 5 s: keep it light."""
+    code = "import sys, supmae_serve.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
 # ---------------------------------------------------------------------------- the command line
 def test_every_setting_has_a_flag_and_no_flag_is_unexplained():
     flags = {a.dest for a in build_parser()._actions if a.dest != "help"}
