@@ -118,24 +118,20 @@ async def _run(
     except CapabilityError as e:
         raise ApiError(422, "capability_unavailable", str(e)) from e
     key = make_key(opts)
-
-    prepared = await service.prepare(parsed.items)
-    good = [(i, x) for i, x in enumerate(prepared) if isinstance(x, torch.Tensor)]
+    try:
+        service.check_capacity(len(parsed.items))  # before spending CPU on decoding
+        prepared = await service.prepare(parsed.items)
+        good = [(i, x) for i, x in enumerate(prepared) if isinstance(x, torch.Tensor)]
+        results = await service.infer(key, [(x, seed_of(opts)) for _, x in good]) if good else []
+    except QueueFullError as e:
+        raise ApiError(429, "queue_full", str(e), {"Retry-After": str(e.retry_after_s)}) from e
+    except BatcherClosedError as e:
+        raise ApiError(503, "unavailable", f"not accepting work: {e}", {"Retry-After": "5"}) from e
+    except RequestTimeout as e:
+        raise ApiError(504, "timeout", str(e)) from e
+    except CapabilityError as e:
+        raise ApiError(422, "capability_unavailable", str(e)) from e
     task = capability
-    results = []
-    if good:
-        try:
-            results = await service.infer(key, [(x, seed_of(opts)) for _, x in good])
-        except QueueFullError as e:
-            raise ApiError(429, "queue_full", str(e), {"Retry-After": str(e.retry_after_s)}) from e
-        except BatcherClosedError as e:
-            raise ApiError(503, "unavailable", f"not accepting work: {e}", {"Retry-After": "5"}) from e
-        except RequestTimeout as e:
-            raise ApiError(504, "timeout", str(e)) from e
-        except CapabilityError as e:
-            raise ApiError(422, "capability_unavailable", str(e)) from e
-        except ValueError as e:  # an option the backend refused (e.g. a mask ratio that keeps no patch)
-            raise ApiError(422, "invalid_option", str(e)) from e
 
     items: list[dict] = [None] * len(prepared)  # type: ignore[list-item]
     for i, x in enumerate(prepared):
