@@ -492,6 +492,16 @@ def test_robustness_against_itself_as_baseline_is_100(data6, ckpt):
     )
     assert all(e > 0 for e in r.details["errors"]["impulse_noise"])  # a random 6-class model errs
     assert r.details["mCE"] == pytest.approx(100.0) and r.summary["mCE"] == pytest.approx(100.0)
+    # a baseline evaluated once (the CLI's side-by-side mode) gives the same numbers
+    again = ev.evaluate_robustness(
+        ckpt, spec, corruptions=["impulse_noise"], severities=[2, 5], baseline=r, run=RUN
+    )
+    assert (
+        again.details["mCE"] == pytest.approx(100.0)
+        and again.details["baseline"]["errors"] == r.details["errors"]
+    )
+    with pytest.raises(ev.EvalError, match="other corruptions"):
+        ev.evaluate_robustness(ckpt, spec, corruptions=["impulse_noise"], severities=[2], baseline=r, run=RUN)
 
 
 def test_robustness_bad_input(data6, ckpt, ckpt_mae):

@@ -74,7 +74,7 @@ def test_accuracy_side_by_side_writes_json_and_updates_cards(setup, capsys, tmp_
 
 
 def test_feature_tasks_and_robustness_run(setup, capsys):
-    data, a, _, mae = setup
+    data, a, b, mae = setup
     common = ["--data", str(data), "--holdout", "12", "--no-save", *BASE]
     assert main(["knn", "--checkpoint", str(mae), "--k", "5", *common]) == 0
     assert table_rows(capsys.readouterr().out)[0] == ["checkpoint", "train", "test", "k", "top-1", "top-5"]
@@ -108,6 +108,28 @@ def test_feature_tasks_and_robustness_run(setup, capsys):
         "combined",
     ]
     assert ["corruption", "s1", "s3", "mean"] in rows
+    # side by side against one baseline: the baseline itself scores an mCE of 100
+    argv = [
+        "robustness",
+        "--checkpoint",
+        str(a),
+        "--checkpoint",
+        str(b),
+        "--name",
+        "A",
+        "--name",
+        "B",
+        "--baseline",
+        str(b),
+        "--corruptions",
+        "impulse_noise",
+        "--severities",
+        "5",
+        *common,
+    ]
+    assert main(argv) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert rows[0][3] == "mCE" and rows[3][0] == "B" and rows[3][3] == "100.00"
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="LABEL",
-        help="table label per --checkpoint, in the same order (default: the folder name)",
+        help="table label per --checkpoint, in the same order (default: the path as given)",
     )
     g.add_argument(
         "--data", required=True, metavar="PATH", help="ImageFolder root (root/<class>/<image>) to evaluate on"
@@ -238,6 +238,19 @@ def run(args: argparse.Namespace) -> list[ev.EvalResult]:
             lr=args.lr,
         )
     class_map = _class_map(args.class_map)
+    baseline = getattr(args, "baseline", None)
+    if baseline and len(args.checkpoint) > 1 and not Path(baseline).suffix == ".json":
+        # several models against one baseline checkpoint: evaluate it once
+        baseline = ev.evaluate_robustness(
+            baseline,
+            data,
+            corruptions=args.corruptions,
+            severities=args.severities,
+            corruption_seed=args.corruption_seed,
+            table=args.table,
+            class_map=class_map,
+            run=cfg,
+        )
     results = []
     for ckpt, name in zip(args.checkpoint, names, strict=True):
         if args.task == "accuracy":
@@ -258,7 +271,7 @@ def run(args: argparse.Namespace) -> list[ev.EvalResult]:
                 severities=args.severities,
                 corruption_seed=args.corruption_seed,
                 table=args.table,
-                baseline=args.baseline,
+                baseline=baseline,
                 variants=_variants(args.variant, args.max_per_class),
                 class_map=class_map,
                 run=cfg,

@@ -114,7 +114,7 @@ class ProbeConfig:
     """The linear classifier of linprobe and fewshot: CE + weight_decay / 2 * |W|^2 on standardised
     features."""
 
-    optimizer: str = "lbfgs"  # lbfgs (full batch) | adam (minibatch, for feature sets too big for memory)
+    optimizer: str = "lbfgs"  # lbfgs (full batch) | adam (minibatches: bounded memory on very large sets)
     weight_decay: float | None = None  # None: pick from WD_GRID by accuracy on a validation split
     val_fraction: float = 0.2  # share of each class held out of the training features to pick it
     max_iter: int = 1000  # lbfgs iterations
@@ -137,7 +137,7 @@ class ProbeConfig:
 class EvalResult:
     task: str
     checkpoint: str
-    name: str  # the row label in tables
+    name: str  # the row label in tables (default: the checkpoint path as given)
     summary: dict[str, Any]  # the headline numbers, in table order
     details: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
@@ -457,8 +457,7 @@ def resolve_device(device: str) -> torch.device:
 def load(checkpoint: str | os.PathLike, run: RunConfig, name: str | None = None) -> Loaded:
     device = resolve_device(run.device)
     model, card = load_checkpoint(checkpoint, device=device)
-    p = Path(checkpoint)
-    return Loaded(model, card, str(checkpoint), name or (p.name if p.is_dir() else p.parent.name), device)
+    return Loaded(model, card, str(checkpoint), name or str(checkpoint), device)
 
 
 def _require_head(loaded: Loaded, task: str) -> list[str]:
@@ -1050,7 +1049,7 @@ def evaluate_robustness(
     severities: Sequence[int] = SEVERITIES,
     corruption_seed: int = 0,
     table: str = "auto",
-    baseline: str | os.PathLike | None = None,
+    baseline: str | os.PathLike | EvalResult | None = None,
     variants: Mapping[str, DataSpec] | None = None,
     class_map: Mapping[str, str] | None = None,
     run: RunConfig = RunConfig(),
@@ -1060,7 +1059,8 @@ def evaluate_robustness(
     any variant folders (`{"imagenet-r": DataSpec(...)}`, class subsets allowed).
 
     Errors are percentages (100 - top-1). The corruption score is the mCE relative to `baseline` (a
-    checkpoint, evaluated here the same way, or a JSON of its errors) when given, else the mean error;
+    checkpoint, evaluated here the same way; its robustness result; or a JSON file of its errors) when
+    given, else the mean error;
     `combined` = mean(100 - corruption score, each variant's top-1), the poster's summary."""
     t0 = time.perf_counter()
     corruptions = check_corruptions(corruptions)
@@ -1076,7 +1076,20 @@ def evaluate_robustness(
 
     # the baseline first: a bad one fails before the long run
     base_errors = base_clean = base_info = None
-    if baseline is not None:
+    if isinstance(baseline, EvalResult):  # evaluated already (the CLI does it once for many models)
+        if baseline.task != "robustness":
+            raise EvalError(f"the baseline must be a robustness result, got a {baseline.task!r} result")
+        same = baseline.config.get("severities") == list(severities) and all(
+            c in baseline.details["errors"] for c in corruptions
+        )
+        same = same and baseline.config.get("corruption_seed") == corruption_seed
+        if not same or baseline.config.get("table") != table:
+            raise EvalError(
+                "the baseline result was computed with other corruptions, severities, seed or table"
+            )
+        base_errors, base_clean = baseline.details["errors"], baseline.details["clean_error"]
+        base_info = {"source": baseline.checkpoint, "errors": base_errors, "clean_error": base_clean}
+    elif baseline is not None:
         bpath = Path(baseline)
         if bpath.is_file() and bpath.suffix == ".json" and bpath.name != "model.json":
             base_errors, base_clean = _read_baseline_json(bpath)
