@@ -293,6 +293,7 @@ def verify_timm(path: Path, card: ModelCard, images: VerifyImages, reference) ->
 
 
 # ---------------------------------------------------------------------------- the pipeline
+@torch.no_grad()  # scoped: the caller's grad mode is restored on return
 def run_export(cfg: ExportConfig, log: Callable[[str], None] = _stderr) -> ExportResult:
     """Run every requested stage; raises CheckpointError/ExportError for bad inputs."""
     out = cfg.out
@@ -318,7 +319,6 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = _stderr) -> Expor
         calib = pool.images[k:] if len(pool.images) > k else pool.images  # disjoint when the folder allows
         log(f"      {len(images.images)} verification images: {images.source}")
     with progress.stage("torch reference outputs"):
-        torch.set_grad_enabled(False)
         reference = torch_encoder_outputs(model, images.images)
 
     def check(rec: Record, fn: Callable[[], VerifyResult]) -> None:
