@@ -198,3 +198,18 @@ def test_encoder_loads_into_timm_with_same_features(tmp_path, images):
     with torch.no_grad():
         torch.testing.assert_close(t(images), m.forward_features(images).embedding, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(t.forward_features(images)[:, 1:], m.forward_features(images).patch_tokens)
+
+
+def test_saved_files_are_readable_by_others(tmp_path):
+    """mkstemp creates 0600 files; a checkpoint baked into an image for a non-root user must be readable."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tiny_model(), tmp_path / "ck")
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "model.json"):
+        mode = stat.S_IMODE((tmp_path / "ck" / name).stat().st_mode)
+        assert mode == 0o644, (name, oct(mode))
