@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import os
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -72,19 +74,46 @@ def make_checkpoint(variant: str, folder: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------- raw backend throughput
-def raw_throughput(model: Path, batch: int, seconds: float, threads: int) -> float:
+def raw_throughput(model: Path, batch: int, seconds: float, threads: int) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of `backend.classify` on ready-made batches, called from one worker thread
+    exactly as the server's batcher calls it. Run in a fresh process (`measure_raw`), like a server."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from supmae_serve.backends.torch_backend import TorchBackend
 
     torch.set_num_threads(threads)
     backend = TorchBackend(model, device="cpu")
     s = backend.card.preprocessing.image_size
     x = torch.randn(batch, 3, s, s)
-    backend.classify(x)  # warm-up
-    done, t0, c0 = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - t0 < seconds:
-        backend.classify(x)
-        done += batch
-    return done / (time.perf_counter() - t0), (time.process_time() - c0) * 1000 / done
+
+    def loop() -> tuple[float, float]:
+        backend.classify(x)  # warm-up
+        done, t0, c0 = 0, time.perf_counter(), time.process_time()
+        while time.perf_counter() - t0 < seconds:
+            backend.classify(x)
+            done += batch
+        return done / (time.perf_counter() - t0), (time.process_time() - c0) * 1000 / done
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(loop).result()
+
+
+def measure_raw(model: Path, batch: int, seconds: float, threads: int) -> tuple[float, float]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--raw",
+        str(model),
+        "--raw-batch",
+        str(batch),
+        "--duration",
+        str(seconds),
+    ]
+    out = subprocess.run(
+        [*cmd, "--threads", str(threads), "--nice", "0"], capture_output=True, text=True, check=True
+    )
+    ips, cpu = json.loads(out.stdout.strip().splitlines()[-1])
+    return ips, cpu
 
 
 # ---------------------------------------------------------------------------- servers
@@ -256,7 +285,7 @@ def run(args: argparse.Namespace) -> list[list[Phase]]:
         for rep in range(args.repeats):
             phases = []
             for batch, seconds in ((args.max_batch_size, args.duration), (1, args.duration / 2)):
-                ips, cpu = raw_throughput(model, batch, seconds, args.threads)
+                ips, cpu = measure_raw(model, batch, seconds, args.threads)
                 phases.append(Phase(f"raw backend, batch {batch}", ips, cpu_ms_per_image=cpu))
             for name, (proc, base) in servers.items():
                 phases.append(
@@ -299,7 +328,8 @@ def report(results: list[list[Phase]], args: argparse.Namespace) -> str:
     lines = [
         f"{args.variant if not args.model else args.model}, {args.clients} clients x 1 image, {args.duration:g} s per phase, "
         f"median of {len(results)}; batching: max batch {args.max_batch_size}, max wait {args.max_wait_ms:g} ms; "
-        f"torch threads {args.threads}",
+        f"torch threads {args.threads}; load average before / after: {args.load_before} / "
+        f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}",
         "",
         "| mode | images/s | vs raw | vs unbatched | p50 ms | p95 ms | p99 ms | mean batch | CPU ms/image "
         "(server or raw) | client CPU ms/image | errors / requests |",
@@ -357,9 +387,18 @@ def main(argv=None) -> int:
     p.add_argument(
         "--nice", type=int, default=10, help="lower this run's priority (other work shares the machine)"
     )
+    p.add_argument("--raw", default=None, help=argparse.SUPPRESS)  # internal: one raw measurement, as JSON
+    p.add_argument("--raw-batch", type=int, default=16, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.raw:
+        print(json.dumps(raw_throughput(Path(args.raw), args.raw_batch, args.duration, args.threads)))
+        return 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on SIGTERM too
     if args.nice:
         os.nice(args.nice)
+    args.load_before = " ".join(
+        f"{v:.1f}" for v in os.getloadavg()
+    )  # other work on the machine, for the record
     results = run(args)
     print()
     print(report(results, args))

@@ -565,6 +565,14 @@ def test_api_keys(ckpt):
         assert c.get("/v1/info").status_code == 401
         for public in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"):
             assert c.get(public).status_code == 200, public
+        spec = c.get("/openapi.json").json()  # the /docs "Authorize" button
+        assert spec["components"]["securitySchemes"]["apiKey"] == {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "an API key from SUPMAE_API_KEYS",
+        }
+        assert spec["paths"]["/v1/embed"]["post"]["security"] == [{"apiKey": []}]
+        assert "security" not in spec["paths"]["/healthz"]["get"]
         info = c.get("/v1/info", headers={"authorization": "Bearer key-one"}).json()
         assert info["auth"] is True and "key-one" not in json.dumps(info)
 

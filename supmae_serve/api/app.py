@@ -7,7 +7,9 @@ factory uvicorn workers import (`uvicorn --factory supmae_serve.api.app:app_from
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -76,6 +78,16 @@ def mount_demo(app: FastAPI, service: InferenceService) -> bool:
     return True
 
 
+def _telemetry_off_unless_configured() -> dict:
+    """FastAPI's native OpenTelemetry asks the global providers on every request (a measurable share of a
+    request's CPU time here); switch it off unless OpenTelemetry is configured through the environment."""
+    if "telemetry" not in inspect.signature(FastAPI).parameters:
+        return {}
+    if any(k.startswith("OTEL_") for k in os.environ) or os.environ.get("FASTAPI_OTEL_AUTO_CONFIGURE"):
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+
+
 def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
     """The FastAPI app. `backend` injects a ready backend (tests, embedding in another program); otherwise
     `settings` say which one to build."""
@@ -91,6 +103,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        **_telemetry_off_unless_configured(),
     )
     app.state.service = service
     app.state.settings = settings
@@ -114,7 +127,31 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         )
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
     app.state.demo_mounted = mount_demo(app, service) if settings.demo else False
+    if settings.api_keys:
+        _declare_bearer_auth(app)
     return app
+
+
+def _declare_bearer_auth(app: FastAPI) -> None:
+    """Declare the bearer scheme in the OpenAPI document (the /docs "Authorize" button) for the /v1 routes."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["apiKey"] = {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "an API key from SUPMAE_API_KEYS",
+            }
+            for path, operations in schema.get("paths", {}).items():
+                if path.startswith("/v1/"):
+                    for op in operations.values():
+                        op["security"] = [{"apiKey": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def app_from_env() -> FastAPI:

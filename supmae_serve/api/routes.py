@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
@@ -44,29 +43,30 @@ from .schemas import (
 from .service import InferenceService, Reconstructed
 
 
-def get_service(request: Request) -> InferenceService:
+async def get_service(request: Request) -> InferenceService:
     return request.app.state.service
 
 
 Service = Annotated[InferenceService, Depends(get_service)]
-_bearer = HTTPBearer(auto_error=False, description="API key (when the server has SUPMAE_API_KEYS set)")
 
 
-async def require_api_key(
-    service: Service, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> None:
-    keys = service.settings.api_keys
+async def require_api_key(request: Request) -> None:
+    """Bearer API keys, when configured. One dependency without sub-dependencies: FastAPI resolves it on every
+    request, and nested ones (HTTPBearer, the service) cost more than the check. The OpenAPI document declares
+    the bearer scheme (`app.py`)."""
+    keys = request.app.state.service.settings.api_keys
     if not keys:
         return
     challenge = {"WWW-Authenticate": "Bearer"}
-    if credentials is None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(
             401,
             "missing_api_key",
             "this server needs an API key: send 'Authorization: Bearer <key>'",
             challenge,
         )
-    given = credentials.credentials.encode()
+    given = token.strip().encode()
     if not any(hmac.compare_digest(given, k.encode()) for k in keys):  # constant time, every key
         raise ApiError(401, "invalid_api_key", "the API key is not valid", challenge)
 
@@ -201,8 +201,9 @@ ERRORS = {
 }
 
 
-async def embed(request: Request, service: Service) -> JSONResponse:
+async def embed(request: Request) -> JSONResponse:
     """Embeddings of one or more images: the mean patch token (avg), the cls token, or every patch token."""
+    service: InferenceService = request.app.state.service  # (no Depends on the hot path)
 
     def key(o: EmbedOptions) -> tuple:
         check_pooling(o.pooling)
@@ -220,8 +221,9 @@ async def embed(request: Request, service: Service) -> JSONResponse:
     )
 
 
-async def classify(request: Request, service: Service) -> JSONResponse:
+async def classify(request: Request) -> JSONResponse:
     """The top-k classes of each image, with softmax probabilities and the model card's class names."""
+    service: InferenceService = request.app.state.service  # (no Depends on the hot path)
     labels = service.labels
 
     def render(o: ClassifyOptions, index: int, probs: np.ndarray, _x) -> dict:
@@ -243,8 +245,9 @@ async def classify(request: Request, service: Service) -> JSONResponse:
     )
 
 
-async def reconstruct(request: Request, service: Service) -> JSONResponse:
+async def reconstruct(request: Request) -> JSONResponse:
     """Masked reconstruction: which patches were hidden (seeded), and the decoder's prediction as PNGs."""
+    service: InferenceService = request.app.state.service  # (no Depends on the hot path)
     cfg = service.card.config
     grid = cfg.img_size // cfg.patch_size
 
