@@ -29,7 +29,7 @@ import random
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -385,7 +385,8 @@ class ImageDataset(Dataset):
     """(uint8 (3, S, S) image, label) from image files, cropped as the model card says and optionally
     corrupted. Normalisation happens on the batch (`preprocess.normalize`), on the device.
 
-    `pixels`, when given, holds the already decoded and cropped images (N, S, S, 3) uint8 in memory."""
+    `pixels`, when given, holds the already decoded and cropped images (N, S, S, 3) uint8 in memory;
+    `passes` lists several (corruption, severity) passes over the images, one after the other."""
 
     def __init__(
         self,
@@ -398,18 +399,20 @@ class ImageDataset(Dataset):
         seed: int = 0,
         table: str = "auto",
         limits: ImageLimits = ImageLimits(),
+        passes: Sequence[tuple[str | None, int]] | None = None,
     ):
         self.samples = list(samples)
         self.prep = prep
         self.pixels = pixels
-        self.corruption = corruption
-        self.severity = severity
+        # one (corruption, severity) per pass over the images; item j is image j % N of pass j // N,
+        # so one DataLoader (and one set of workers) streams every pass of a robustness run
+        self.passes = list(passes) if passes is not None else [(corruption, severity)]
         self.seed = seed
         self.table = table
         self.limits = limits
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.samples) * len(self.passes)
 
     def crop(self, i: int) -> np.ndarray:
         """Decode and resize + centre-crop image i exactly as serving does: (S, S, 3) uint8."""
@@ -424,11 +427,13 @@ class ImageDataset(Dataset):
             raise EvalError(f"{path}: cannot read ({e})") from e
         return np.asarray(resize_crop(img, self.prep), dtype=np.uint8)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, int]:
+        p, i = divmod(j, len(self.samples))
+        corruption, severity = self.passes[p]
         arr = self.crop(i)  # (S, S, 3)
-        if self.corruption and self.severity:
-            rng = item_rng(self.seed, self.corruption, self.severity, i)
-            arr = corrupt(arr, self.corruption, self.severity, rng, self.table)
+        if corruption and severity:
+            # the draw depends on the image index, never on the pass order, batch or worker
+            arr = corrupt(arr, corruption, severity, item_rng(self.seed, corruption, severity, i), self.table)
         return torch.tensor(arr).permute(2, 0, 1), self.samples[i][1]  # (3, S, S)
 
 
@@ -529,6 +534,28 @@ def run_model(
     )
 
 
+@torch.no_grad()
+def top1_hits_per_pass(
+    loaded: Loaded, dataset: ImageDataset, cols: Sequence[int], run: RunConfig, desc: str
+) -> np.ndarray:
+    """Stream a multi-pass dataset through the head -> correct top-1 predictions per pass (no logits
+    kept, so memory does not grow with the number of passes). `cols`: the head's column of each eval
+    folder; the arg-max is taken over those columns only."""
+    n, prep, dev = len(dataset.samples), loaded.card.preprocessing, loaded.device
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if run.amp and dev.type == "cuda" else nullcontext()
+    cols_t = torch.as_tensor(list(cols), device=dev)
+    hits = np.zeros(len(dataset.passes), dtype=np.int64)
+    start = 0
+    for x, y in _progress(_loader(dataset, run, dev), run, desc):
+        x = normalize(x.to(dev, non_blocking=True), prep)  # (B, 3, S, S)
+        with amp:
+            logits = loaded.model.forward_features(x).logits.float()  # (B, classes)
+        pred = logits[:, cols_t].argmax(1).cpu()  # (B,) index of the eval folder
+        np.add.at(hits, (start + np.arange(len(y))) // n, (pred == y).numpy())
+        start += len(y)
+    return hits
+
+
 def decode_all(dataset: ImageDataset, run: RunConfig, desc: str = "decode") -> np.ndarray:
     """Decode and crop every image once: (N, S, S, 3) uint8 (for the many passes of robustness)."""
     s = dataset.prep.image_size
@@ -548,14 +575,14 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     maxk = min(max(ks), logits.shape[1])
     top = logits.topk(maxk, dim=1).indices  # (N, maxk)
     hit = top == labels[:, None]  # (N, maxk)
-    return {k: 100.0 * hit[:, : min(k, maxk)].any(1).float().mean().item() for k in ks}
+    return {k: 100.0 * hit[:, : min(k, maxk)].any(1).sum().item() / len(labels) for k in ks}  # exact ratio
 
 
 def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
     out = []
     for c in range(num_classes):
         m = labels == c
-        out.append(100.0 * (pred[m] == c).float().mean().item() if m.any() else None)
+        out.append(100.0 * (pred[m] == c).sum().item() / m.sum().item() if m.any() else None)
     return out
 
 
@@ -671,6 +698,21 @@ def _stratified_val(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.
     return torch.as_tensor(sorted(tr), dtype=torch.long), torch.as_tensor(sorted(va), dtype=torch.long)
 
 
+@contextmanager
+def _few_threads_for_small_cpu_work(device: torch.device, numel: int):
+    """Intra-op threads only slow down the many tiny matmuls of a small probe (few-shot: hundreds of
+    rows), badly so on a busy machine: use one thread for those, restored afterwards."""
+    if device.type != "cpu" or numel > 1 << 21:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def fit_linear_probe(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -681,11 +723,18 @@ def fit_linear_probe(
     """Fit a linear probe on frozen features (on `device`). Features are standardised with the
     training mean and std; without a given weight decay, each of WD_GRID is fitted on a stratified
     split of the training features, and the one with the best accuracy on the held-out part (ties:
-    the lower cross-entropy there) is refitted on all of them. Small problems on the CPU are fastest with few threads (set torch threads)."""
+    the lower cross-entropy there) is refitted on all of them."""
     if len(train_x) == 0:
         raise EvalError("linear probe: no training features")
-    x = train_x.to(device, torch.float32)
-    y = train_y.to(device, torch.long)
+    device = torch.device(device)
+    with _few_threads_for_small_cpu_work(device, train_x.numel()):
+        return _fit_linear_probe(
+            train_x.to(device, torch.float32), train_y.to(device, torch.long), num_classes, cfg
+        )
+
+
+def _fit_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: ProbeConfig) -> LinearProbe:
+    device = x.device
     mean = x.mean(0)
     std = x.std(0, unbiased=False).clamp_min(1e-6)
     z = (x - mean) / std  # (N, D)
@@ -702,7 +751,7 @@ def fit_linear_probe(
                 w, b = params
                 with torch.no_grad():
                     val_logits = z[va] @ w + b
-                    acc = 100.0 * (val_logits.argmax(1) == y[va]).float().mean().item()
+                    acc = 100.0 * (val_logits.argmax(1) == y[va]).sum().item() / len(va)
                     loss = F.cross_entropy(val_logits, y[va]).item()
                 selection[f"{cand:g}"] = {"val_top1": acc, "val_loss": loss}
                 if best is None or (acc, -loss) > best[0]:  # accuracy first, then the lower loss
@@ -1119,24 +1168,18 @@ def evaluate_robustness(
     if len(base) * prep.image_size**2 * 3 <= run.cache_gb * 2**30:
         base.pixels = decode_all(base, run)
 
-    def pass_top1(corruption: str | None, severity: int) -> float:
-        ds = ImageDataset(
-            split.samples,
-            prep,
-            pixels=base.pixels,
-            corruption=corruption,
-            severity=severity,
-            seed=corruption_seed,
-            table=table,
-        )
-        logits, labels, _ = _head_outputs(loaded, split, class_map, run, f"{corruption} {severity}", ds)
-        return topk_accuracy(logits, labels, (1,))[1]
-
-    clean_error = 100.0 - pass_top1(None, 0)
+    cols = map_classes(
+        split.class_names, _require_head(loaded, "robustness"), class_map, source=f"eval set {spec.root}"
+    )
+    passes = [(None, 0)] + [(c, s) for c in corruptions for s in severities]  # clean first
+    ds = ImageDataset(
+        split.samples, prep, pixels=base.pixels, passes=passes, seed=corruption_seed, table=table
+    )
+    top1 = 100.0 * top1_hits_per_pass(loaded, ds, cols, run, "robustness") / len(split.samples)
+    clean_error = 100.0 - float(top1[0])
     errors: dict[str, list[float]] = {}
-    passes = [(c, s) for c in corruptions for s in severities]
-    for c, s in _progress(passes, run, "robustness", total=len(passes)):
-        errors.setdefault(c, []).append(100.0 - pass_top1(c, s))
+    for (c, _), t in zip(passes[1:], top1[1:], strict=True):
+        errors.setdefault(c, []).append(100.0 - float(t))
 
     scores = mean_corruption_error(errors, base_errors, clean_error, base_clean)
 
