@@ -19,6 +19,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app.demo import DemoConfig
 from supmae_serve.api.app import create_app
 from supmae_serve.backends.fake import FakeBackend, fake_card
 from supmae_serve.model import save_checkpoint
@@ -679,8 +680,8 @@ def test_exif_orientation_is_applied_by_the_api(client):
 def test_demo_is_mounted_over_the_batched_backend(ckpt, monkeypatch):
     mounted = {}
 
-    def mount_demo(app, backend, path="/demo"):
-        mounted["backend"] = backend
+    def mount_demo(app, backend, path="/demo", config=None):
+        mounted["backend"], mounted["config"] = backend, config
 
         @app.get(path)
         def demo_page():
@@ -688,9 +689,13 @@ def test_demo_is_mounted_over_the_batched_backend(ckpt, monkeypatch):
 
         return app
 
-    monkeypatch.setitem(sys.modules, "app.demo", types.SimpleNamespace(mount_demo=mount_demo))
-    with TestClient(create_app(settings(ckpt, demo=True))) as c:
+    monkeypatch.setitem(
+        sys.modules, "app.demo", types.SimpleNamespace(mount_demo=mount_demo, DemoConfig=DemoConfig)
+    )
+    s = settings(ckpt, demo=True, max_pixels=12345, min_side=3)
+    with TestClient(create_app(s)) as c:
         assert c.app.state.demo_mounted and c.get("/demo").json() == {"demo": True}
+        assert mounted["config"].limits == s.image_limits()  # the page applies the server's limits
         backend = mounted["backend"]  # called from this (non-loop) thread, as Gradio's workers do
         x = to_tensor(decode_image(PNG), backend.card.preprocessing).unsqueeze(0).repeat(2, 1, 1, 1)
         assert backend.classify(x).probs.shape == (2, 10) and backend.classify(x).labels == CLASSES
@@ -702,16 +707,20 @@ def test_demo_is_mounted_over_the_batched_backend(ckpt, monkeypatch):
 
 
 def test_demo_missing_gradio_only_warns(ckpt, monkeypatch, caplog):
-    def no_gradio(app, backend, path="/demo"):
+    def no_gradio(app, backend, path="/demo", config=None):
         raise ModuleNotFoundError("No module named 'gradio'", name="gradio")
 
-    monkeypatch.setitem(sys.modules, "app.demo", types.SimpleNamespace(mount_demo=no_gradio))
+    monkeypatch.setitem(
+        sys.modules, "app.demo", types.SimpleNamespace(mount_demo=no_gradio, DemoConfig=DemoConfig)
+    )
     with caplog.at_level(logging.WARNING, logger="supmae.api"):
         app = create_app(settings(ckpt, demo=True))
     assert app.state.demo_mounted is False and "pip install 'supmae[demo]'" in caplog.text
     with TestClient(app) as c:
         good_request(c)
-    monkeypatch.setitem(sys.modules, "app.demo", types.SimpleNamespace(mount_demo=lambda *a, **k: None))
+    monkeypatch.setitem(
+        sys.modules, "app.demo", types.SimpleNamespace(mount_demo=lambda *a, **k: None, DemoConfig=DemoConfig)
+    )
     with caplog.at_level(logging.WARNING, logger="supmae.api"):
         app = create_app(settings(ckpt, demo=True, api_keys="k"))
     assert app.state.demo_mounted is False and "cannot check them" in caplog.text

@@ -61,6 +61,7 @@ def mount_demo(app: FastAPI, service: InferenceService) -> bool:
         )
         return False
     try:
+        from app.demo import DemoConfig
         from app.demo import mount_demo as _mount
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] == "gradio":
@@ -69,7 +70,9 @@ def mount_demo(app: FastAPI, service: InferenceService) -> bool:
             log.warning("the demo is not available (%s); serving the API without /demo", e)
         return False
     try:
-        _mount(app, service.facade(), path="/demo")
+        # the page enforces the server's image limits, not the demo's stand-alone defaults
+        config = DemoConfig(limits=service.settings.image_limits())
+        _mount(app, service.facade(), path="/demo", config=config)
     except ModuleNotFoundError as e:
         log.warning(
             "the demo needs gradio: pip install 'supmae[demo]' (%s); serving the API without /demo", e
