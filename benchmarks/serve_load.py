@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import io
 import json
 import os
@@ -355,13 +356,18 @@ def report(results: list[list[Phase]], args: argparse.Namespace) -> str:
     errors = sum(p.errors for n in names for p in rows[n])
     lines += [
         "",
-        f"targets: batched/raw = {batched / raw:.0%} (>= 90%: {'met' if batched >= 0.9 * raw else 'MISSED'}), "
+        f"targets: batched/raw = {batched / raw:.1%} (>= 90%: {'met' if batched >= 0.9 * raw else 'MISSED'}), "
         f"batched/unbatched = {batched / unbatched:.2f}x (>= 2x: {'met' if batched >= 2 * unbatched else 'MISSED'}), "
         f"errors = {errors} ({'met' if errors == 0 else 'MISSED'})",
     ]
     if len(results) > 1:
         spread = {n: [round(p.images_per_s, 1) for p in rows[n]] for n in names}
         lines.append("per repeat (images/s): " + "; ".join(f"{n}: {v}" for n, v in spread.items()))
+        ratio = [
+            b.images_per_s / r.images_per_s
+            for b, r in zip(rows["server, batching"], rows[names[0]], strict=True)
+        ]
+        lines.append("batched / raw per repeat: " + ", ".join(f"{v:.1%}" for v in ratio))
     samples = [s for n in names for p in rows[n] for s in p.error_samples]
     if samples:
         lines.append("error samples: " + " | ".join(samples[:3]))
@@ -387,6 +393,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--nice", type=int, default=10, help="lower this run's priority (other work shares the machine)"
     )
+    p.add_argument("--json", type=Path, help="also write every phase of every repeat here")
     p.add_argument("--raw", default=None, help=argparse.SUPPRESS)  # internal: one raw measurement, as JSON
     p.add_argument("--raw-batch", type=int, default=16, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -402,6 +409,8 @@ def main(argv=None) -> int:
     results = run(args)
     print()
     print(report(results, args))
+    if args.json:
+        args.json.write_text(json.dumps([[dataclasses.asdict(p) for p in rep] for rep in results], indent=2))
     return 0
 
 
