@@ -188,23 +188,28 @@ class MicroBatcher:
             return 1
         return int(min(60, max(1, math.ceil(self._depth / self._rate))))
 
-    async def submit(
-        self, key: Hashable, payloads: Sequence[Any], timeout_s: float | None = None
-    ) -> list[ItemResult]:
-        """Queue `payloads` under `key` and wait for their results (in order).
-
-        Raises QueueFullError (nothing queued), BatcherClosedError, RequestTimeout, or the model call's error."""
+    def check_capacity(self, n: int) -> None:
+        """Raise what `submit` would for `n` items now (BatcherClosedError, QueueFullError); callers use it
+        to shed load before decoding a request's images."""
         if not self.alive:
             raise BatcherClosedError(
                 "the server is shutting down"
                 if self._closing
                 else f"the batching worker has {self.stop_reason or 'not started'}"
             )
+        if n and self._depth + n > self.config.max_queue:
+            raise QueueFullError(self._depth, self.config.max_queue, n, self.retry_after_s())
+
+    async def submit(
+        self, key: Hashable, payloads: Sequence[Any], timeout_s: float | None = None
+    ) -> list[ItemResult]:
+        """Queue `payloads` under `key` and wait for their results (in order).
+
+        Raises QueueFullError (nothing queued), BatcherClosedError, RequestTimeout, or the model call's error."""
         n = len(payloads)
+        self.check_capacity(n)
         if n == 0:
             return []
-        if self._depth + n > self.config.max_queue:
-            raise QueueFullError(self._depth, self.config.max_queue, n, self.retry_after_s())
         loop = asyncio.get_running_loop()
         now = loop.time()
         items = [_Item(key, p, loop.create_future(), now) for p in payloads]

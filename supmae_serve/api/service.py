@@ -225,19 +225,11 @@ class InferenceService:
     def check_capacity(self, n: int) -> None:
         """Shed load before decoding anything: raise what `submit` would (BatcherClosedError, QueueFullError)
         if `n` images could not be queued now. `submit` checks again when they are."""
-        from supmae_serve.batching import BatcherClosedError, QueueFullError
+        if self.batcher is None:
+            from supmae_serve.batching import BatcherClosedError
 
-        b = self.batcher
-        if b is None:
             raise BatcherClosedError("the model is not loaded yet")
-        if not b.alive:
-            raise BatcherClosedError(
-                "the server is shutting down"
-                if b._closing
-                else f"the batching worker has {b.stop_reason or 'stopped'}"
-            )
-        if b.depth + n > b.config.max_queue:
-            raise QueueFullError(b.depth, b.config.max_queue, n, b.retry_after_s())
+        self.batcher.check_capacity(n)
 
     async def infer(self, key: tuple, payloads: list[tuple[torch.Tensor, int | None]]) -> list[ItemResult]:
         if self.batcher is None:
