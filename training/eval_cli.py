@@ -239,11 +239,8 @@ def run(args: argparse.Namespace) -> list[ev.EvalResult]:
         )
     class_map = _class_map(args.class_map)
     baseline = getattr(args, "baseline", None)
-    if baseline and len(args.checkpoint) > 1 and not Path(baseline).suffix == ".json":
-        # several models against one baseline checkpoint: evaluate it once
-        baseline = ev.evaluate_robustness(
-            baseline,
-            data,
+    if args.task == "robustness":
+        corrupt = dict(
             corruptions=args.corruptions,
             severities=args.severities,
             corruption_seed=args.corruption_seed,
@@ -251,6 +248,9 @@ def run(args: argparse.Namespace) -> list[ev.EvalResult]:
             class_map=class_map,
             run=cfg,
         )
+        if baseline and len(args.checkpoint) > 1 and not Path(baseline).suffix == ".json":
+            # several models against one baseline checkpoint: evaluate it once
+            baseline = ev.evaluate_robustness(baseline, data, **corrupt)
     results = []
     for ckpt, name in zip(args.checkpoint, names, strict=True):
         if args.task == "accuracy":
@@ -267,15 +267,10 @@ def run(args: argparse.Namespace) -> list[ev.EvalResult]:
             r = ev.evaluate_robustness(
                 ckpt,
                 data,
-                corruptions=args.corruptions,
-                severities=args.severities,
-                corruption_seed=args.corruption_seed,
-                table=args.table,
                 baseline=baseline,
                 variants=_variants(args.variant, args.max_per_class),
-                class_map=class_map,
-                run=cfg,
                 name=name,
+                **corrupt,
             )
         results.append(r)
     return results
