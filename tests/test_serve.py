@@ -55,18 +55,26 @@ def stop(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
+def start_server(ckpt: Path, *flags: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`supmae-serve --model ckpt --port <free> FLAGS` in a subprocess, ready -> (process, base URL)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "supmae_serve.cli", "--model", str(ckpt), "--port", str(port), *flags]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, base)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, base
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ckpt = tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "supmae_serve.cli",
-        "--model",
-        str(ckpt),
-        "--port",
-        str(port),
+    flags = [
         "--no-demo",
         "--max-wait-ms",
         "2",
@@ -84,12 +92,8 @@ def server(tmp_path_factory):
         "warning",
     ]
     env = {**os.environ, "SUPMAE_DEMO": "true"}  # the flag wins over the environment
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_server(ckpt, *flags, env=env)
     try:
-        wait_ready(proc, base)
         with httpx.Client(base_url=base, timeout=30) as client:
             yield client
     finally:
@@ -226,29 +230,10 @@ def test_graceful_shutdown_finishes_requests_in_flight(tmp_path):
 
 @pytest.mark.slow
 def test_several_worker_processes(tmp_path):
-    ckpt = tiny_checkpoint(tmp_path / "ck")
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "supmae_serve.cli",
-        "--model",
-        str(ckpt),
-        "--port",
-        str(port),
-        "--workers",
-        "2",
-    ]
-    proc = subprocess.Popen(
-        [*cmd, "--no-demo", "--threads", "1"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc, base = start_server(
+        tiny_checkpoint(tmp_path / "ck"), "--workers", "2", "--no-demo", "--threads", "1"
     )
-    base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(proc, base)
         for _ in range(4):
             r = httpx.post(
                 base + "/v1/classify", content=PNG, headers={"content-type": "image/png"}, timeout=30
