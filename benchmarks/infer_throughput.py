@@ -220,6 +220,7 @@ def main(argv=None) -> int:
     x_all, y_all, image_desc = load_images(args.images, n_total, prep, args.seed)
     x_eval, y_eval = x_all[: args.agreement_images], None if y_all is None else y_all[: args.agreement_images]
     x_calib = x_all[args.agreement_images : args.agreement_images + args.calib_images]
+    work = args.work or Path(f"/tmp/supmae_infer_{card.variant or 'ckpt'}")
     if not args.checkpoint:
         if y_all is None:
             print("error: fitting a head needs labelled images (an ImageFolder)", file=sys.stderr)
@@ -229,7 +230,6 @@ def main(argv=None) -> int:
             y_all[args.agreement_images + args.calib_images :],
         )
         t0 = time.perf_counter()
-        work = args.work or Path(f"/tmp/supmae_infer_{args.variant}")
         key = f"{args.variant}_seed{args.seed}_n{len(x_fit)}_{Path(args.images).name}"
         cache = work / f"fit_features_{key}.pt"
         if cache.exists():  # the random-init encoder is a function of the seed: its features can be reused
@@ -245,7 +245,6 @@ def main(argv=None) -> int:
         model_desc += f"; head L2 {fit['l2']:g}, validation accuracy {fit['val_accuracy']:.3f}"
         log(f"linear head fit on {len(x_fit)} images ({time.perf_counter() - t0:.0f} s): {fit}")
 
-    work = args.work or Path(f"/tmp/supmae_infer_{card.variant or 'ckpt'}")
     files = build_artefacts(model, card, work, x_calib.numpy(), log)
 
     import onnxruntime as ort
