@@ -160,3 +160,19 @@ def test_every_task_has_a_subcommand():
     for task in TASKS:
         args = parser.parse_args([task, "--checkpoint", "c", "--data", "d"])
         assert args.task == task
+
+
+@pytest.mark.parametrize("task", ["accuracy", "robustness"])
+def test_a_corrupt_image_read_by_a_worker_process_is_one_clear_line(setup, capsys, tmp_path, task):
+    """With decoding workers (the default), the error raised in a worker reaches the user as the
+    one-line message naming the file, not as the DataLoader's re-raised worker traceback."""
+    _, a, _, _ = setup
+    data = write_colour_folder(tmp_path / "bad", per_class=2)
+    (data / CLASSES[0] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    argv = [task, "--checkpoint", str(a), "--data", str(data), "--no-save", *BASE, "--workers", "1"]
+    if task == "robustness":
+        argv += ["--corruptions", "contrast", "--severities", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("supmae-eval: error: ") and err.count("\n") == 1, err
+    assert "broken.png" in err and "Traceback" not in err and "DataLoader worker" not in err

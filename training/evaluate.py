@@ -37,12 +37,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from supmae_serve.model import CheckpointError, ModelCard, load_checkpoint
 from supmae_serve.model.checkpoint import software_versions
 from supmae_serve.preprocess import ImageError, ImageLimits, decode_image, normalize, resize_crop
-from training.corruptions import CORRUPTIONS, SEVERITIES, check_corruptions, check_table, corrupt, item_rng
+from training.corruptions import (
+    CORRUPTIONS,
+    SEVERITIES,
+    CorruptionError,
+    check_corruptions,
+    check_table,
+    corrupt,
+    item_rng,
+)
 from training.data import DataError, holdout_split, scan_image_folder
 
 TASKS = ("accuracy", "knn", "linprobe", "fewshot", "robustness")
@@ -482,14 +490,52 @@ def _require_head(loaded: Loaded, task: str) -> list[str]:
     return list(names)
 
 
-def _loader(dataset: Dataset, run: RunConfig, device: torch.device) -> DataLoader:
-    return DataLoader(
-        dataset,
+class _Failed:
+    """A user-facing error raised while reading an item, returned as a value. A DataLoader worker's
+    exception reaches the main process re-raised with the whole worker traceback as its message (a
+    38-line `supmae-eval: error:`); carried as a value it crosses the process boundary intact and is
+    raised as itself. Other exceptions (bugs) keep torch's traceback."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class _CarryErrors(Dataset):
+    """`dataset`'s items, with its user-facing errors returned as `_Failed` instead of raised."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.dataset[i]
+        except (EvalError, CorruptionError) as e:
+            return _Failed(e)
+
+
+def _collate(items: list) -> Any:
+    failed = next((it for it in items if isinstance(it, _Failed)), None)
+    return failed if failed is not None else default_collate(items)
+
+
+def _batches(dataset: Dataset, run: RunConfig, device: torch.device, desc: str):
+    """Batches of `dataset` in order, decoded by `run.workers` processes; an error reading an item
+    (a corrupt image, named) is raised here as the error the item raised, whichever process read it."""
+    loader = DataLoader(
+        _CarryErrors(dataset),
         batch_size=run.batch_size,
         shuffle=False,
         num_workers=run.workers,
+        collate_fn=_collate,
         pin_memory=device.type == "cuda",
     )
+    for batch in _progress(loader, run, desc):
+        if isinstance(batch, _Failed):
+            raise batch.error
+        yield batch
 
 
 def _progress(iterable, run: RunConfig, desc: str, total: int | None = None):
@@ -517,7 +563,7 @@ def run_model(
     prep, dev = loaded.card.preprocessing, loaded.device
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if run.amp and dev.type == "cuda" else nullcontext()
     ys, embs, outs = [], [], []
-    for x, y in _progress(_loader(dataset, run, dev), run, desc):
+    for x, y in _batches(dataset, run, dev, desc):
         x = normalize(x.to(dev, non_blocking=True), prep)  # uint8 (N, 3, S, S) -> normalised float32
         with amp:
             f = loaded.model.forward_features(x)
@@ -546,7 +592,7 @@ def top1_hits_per_pass(
     cols_t = torch.as_tensor(list(cols), device=dev)
     hits = np.zeros(len(dataset.passes), dtype=np.int64)
     start = 0
-    for x, y in _progress(_loader(dataset, run, dev), run, desc):
+    for x, y in _batches(dataset, run, dev, desc):
         x = normalize(x.to(dev, non_blocking=True), prep)  # (B, 3, S, S)
         with amp:
             logits = loaded.model.forward_features(x).logits.float()  # (B, classes)
@@ -561,7 +607,7 @@ def decode_all(dataset: ImageDataset, run: RunConfig, desc: str = "decode") -> n
     s = dataset.prep.image_size
     out = np.empty((len(dataset), s, s, 3), dtype=np.uint8)
     i = 0
-    for x, _ in _progress(_loader(dataset, run, torch.device("cpu")), run, desc):
+    for x, _ in _batches(dataset, run, torch.device("cpu"), desc):
         out[i : i + len(x)] = x.permute(0, 2, 3, 1).numpy()
         i += len(x)
     return out
