@@ -1,5 +1,9 @@
 """The bundled default model (supmae_serve/assets/cifar10_vit_tiny): its card and that it serves."""
 
+import os
+import shlex
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -24,6 +28,11 @@ def test_bundled_model_card():
     assert card.preprocessing.image_size == 32 and card.dtype == "float16"
     assert card.training["recipe"] == "cifar10_vit_tiny" and card.training["stopped"] == "completed"
     assert "supmae-train" in card.training["command"] and "cifar10" in card.training["data"]["data"]
+    # no path of the machine that trained it, and the README shows the very command the card records
+    words = shlex.split(card.training["command"])
+    assert not [w for w in words if os.path.isabs(w.partition("=")[2] or w)], words
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert f"`{card.training['command']}`" in readme
     top1 = card.metrics["holdout_top1"]
     assert card.metrics["holdout_images"] == 5000 and 0.6 < top1 <= 1.0  # chance is 0.1; shipped: 0.66
     assert (DEFAULT_MODEL / "model.safetensors").stat().st_size < 16 * 1024 * 1024

@@ -154,6 +154,34 @@ def test_cli_bad_data_names_the_file(tmp_path, capsys):
     assert rc == 2 and "missing: data path does not exist" in capsys.readouterr().err
 
 
+def test_the_card_records_paths_relative_to_where_the_run_started(tmp_path, monkeypatch):
+    """No absolute path of the training machine in the card: --out (which holds the card) and data
+    under the start directory are recorded relative to it; a dataset elsewhere keeps its place."""
+    from tests.conftest import synthetic_image
+    from training.cli import main
+
+    work, val = tmp_path / "work", tmp_path / "shared" / "val"
+    for root, n in ((work / "data", 4), (val, 2)):
+        for c in ("a", "b"):
+            (root / c).mkdir(parents=True)
+            for i in range(n):
+                synthetic_image(seed=i).save(root / c / f"{i}.png")
+    monkeypatch.chdir(work)
+    out = tmp_path / "runs" / "r1"  # absolute, outside the start directory
+    argv = ["--recipe", "debug", "--data", str(work / "data"), "--out", str(out), "--set", "dataset=folder"]
+    sets = [f"val_data={val}", "holdout=0", "max_steps=1", "batch_size=4", "progress=none", "recon_images=0"]
+    assert main([*argv, *(w for s in sets for w in ("--set", s))]) == 0
+    tr = load_checkpoint(out / FINAL)[1].training
+    flags = " ".join(f"--set {s}" for s in sets)
+    assert (
+        tr["command"]
+        == f"supmae-train --recipe debug --data data --out ../runs/r1 --set dataset=folder {flags}"
+    )
+    assert tr["data"]["data"] == tr["config"]["data"] == "data"
+    assert tr["data"]["val"] == tr["config"]["val_data"] == str(val)  # outside: where the data is
+    assert str(work) not in json.dumps(tr)
+
+
 # ------------------------------------------------------------------ stages
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):

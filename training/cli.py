@@ -10,6 +10,8 @@ torchrun --nproc-per-node 8 -m training.cli --recipe in1k_vit_base_paper --data 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -45,6 +47,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def recorded_command(args: argparse.Namespace, start: str | None = None) -> str:
+    """The command as the model card records it (`training.command`): `supmae-train` and the flags
+    given, in the order of `--help`, with paths relative to the directory the run started in (see
+    `training.engine.card_path`). `--out` is always made relative: the card sits inside it, so its
+    absolute place says nothing about the model and only names the machine."""
+    from .engine import PATH_FIELDS, card_path
+
+    start = os.path.abspath(start if start is not None else os.getcwd())
+    words = ["supmae-train"]
+    if args.recipe:
+        words += ["--recipe", args.recipe]
+    if args.data:
+        words += ["--data", card_path(args.data, start)]
+    try:
+        out = os.path.relpath(os.path.abspath(args.out), start)
+    except ValueError:  # another drive (Windows)
+        out = args.out
+    words += ["--out", out]
+    if args.stage:
+        words += ["--stage", args.stage]
+    if args.checkpoint:
+        words += ["--checkpoint", card_path(args.checkpoint, start)]
+    if args.resume:
+        words.append("--resume")
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.strip().replace("-", "_") in PATH_FIELDS:
+            item = f"{key}={card_path(value.strip(), start)}"
+        words += ["--set", item]
+    return shlex.join(words)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .data import DataError
@@ -67,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint:
             extra.append(f"checkpoint={args.checkpoint}")
         cfg = apply_overrides(cfg, extra + args.overrides).validate()
-        result = train(cfg, args.out, resume=args.resume and (Path(args.out) / "last.pt").exists())
+        result = train(
+            cfg,
+            args.out,
+            resume=args.resume and (Path(args.out) / "last.pt").exists(),
+            command=recorded_command(args),
+        )
     except NonFiniteLossError as e:
         print(f"supmae-train: {e}", file=sys.stderr)
         return 3

@@ -49,6 +49,23 @@ from .schedule import WarmupCosine, scaled_lr, set_lr
 from .stages import export_model, finetune_model, linprobe_model, pretrain_model
 
 FINAL = "final"  # the contract checkpoint folder inside the run folder
+PATH_FIELDS = ("data", "val_data", "checkpoint")  # TrainConfig fields holding paths (card_path applies)
+
+
+def card_path(path: str, start: str | os.PathLike | None = None) -> str:
+    """`path` as the model card records it: relative to the directory the run was started in (`start`,
+    default the current one), so a card names no user's home or machine layout and its command re-runs
+    from the same place. Relative paths, URLs and `synthetic` stay as given, and so does an absolute
+    path outside `start` (a shared dataset such as /data/imagenet/train: that is where the data is)."""
+    if not path or not os.path.isabs(path):
+        return path
+    start = os.path.abspath(start if start is not None else os.getcwd())
+    p = os.path.normpath(path)
+    try:
+        inside = os.path.commonpath([p, start]) == start
+    except ValueError:  # another drive (Windows)
+        return path
+    return os.path.relpath(p, start) if inside else path
 
 
 class NonFiniteLossError(RuntimeError):
@@ -426,7 +443,7 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> tuple[SupMAE, str, dict]
         model, variant = finetune_model(cfg.checkpoint, num_classes, cfg.drop_path, smoothing)
     else:
         model, variant = linprobe_model(cfg.checkpoint, num_classes)
-    return model, variant or cfg.variant, {"init_checkpoint": cfg.checkpoint}
+    return model, variant or cfg.variant, {"init_checkpoint": card_path(cfg.checkpoint)}
 
 
 def train(
@@ -731,7 +748,7 @@ def train(
     training = {
         "recipe": cfg.recipe,
         "stage": cfg.stage,
-        "data": data.description,
+        "data": {k: card_path(v) if k in ("data", "val") else v for k, v in data.description.items()},
         "command": command,
         "epochs": epoch,
         "planned_epochs": cfg.epochs,
@@ -745,7 +762,11 @@ def train(
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"cpu ({os.cpu_count()} cores)",
-        "config": {k: v for k, v in cfg.to_dict().items() if k != "inject_nan_at_step"},
+        "config": {
+            k: card_path(v) if k in PATH_FIELDS else v
+            for k, v in cfg.to_dict().items()
+            if k != "inject_nan_at_step"
+        },
         **init_info,
     }
     ckpt = None
@@ -788,9 +809,11 @@ def config_from_state(out_dir: str | os.PathLike) -> TrainConfig:
 
 __all__ = [
     "FINAL",
+    "PATH_FIELDS",
     "NonFiniteLossError",
     "TrainResult",
     "build_data",
+    "card_path",
     "config_from_state",
     "evaluate_head",
     "train",
