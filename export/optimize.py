@@ -1,6 +1,6 @@
 """ONNX Runtime graph optimisation for the exported ViT encoder, saved to disk (`encoder.opt.onnx`).
 
-ANCHORS.md measured that a plain export runs no faster under ONNX Runtime than torch eager on the
+docs/anchors.md measured that a plain export runs no faster under ONNX Runtime than torch eager on the
 2-core CPU: the speed has to come from fused kernels. Two passes, in order:
 
 1. `fuse_vit_attention`: timm's attention (qkv Linear -> reshape/permute -> split -> scaled dot

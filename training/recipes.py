@@ -218,18 +218,18 @@ def debug() -> TrainConfig:
 
 @recipe
 def cifar10_vit_tiny() -> TrainConfig:
-    """SupMAE ViT-T/4 pretraining on CIFAR-10 at 32 px, the small-scale recipe (ANCHORS.md).
+    """SupMAE ViT-T/4 pretraining on CIFAR-10 at 32 px, the small-scale recipe (docs/anchors.md).
 
     Command:  supmae-train --recipe cifar10_vit_tiny --data ../shared/data/cifar10/train --out runs/c10
     Data:     an ImageFolder of the 50k training images; 5,000 (500 per class, seed 0) are held out
               and the classification head's top-1 on them is the metric.
     Recipe:   mask 0.75, norm_pix_loss, loss = rec + 1.0 x CE(logits / 1, y): the paper's 0.01 / 10
-              suit ImageNet, not a short 10-class run (ANCHORS.md: 47% vs 70% head accuracy at ~20
+              suit ImageNet, not a short 10-class run (docs/anchors.md: 47% vs 70% head accuracy at ~20
               epochs). AdamW (0.9, 0.95), wd 0.05, blr 1.5e-4 x 256 / 256, 5 warm-up epochs, cosine,
               RandomResizedCrop scale (0.35, 1) + flip done on uint8 tensors kept on the device.
-    Time:     one H100: about 1.6 s per epoch (100 epochs in under 3 minutes, ANCHORS.md);
+    Time:     one H100: about 1.6 s per epoch (100 epochs in under 3 minutes, docs/anchors.md);
               the 2-core dev CPU: see README (a few minutes per epoch).
-    Expected: cls-head hold-out top-1 about 70% after 26 epochs, about 79% after 100 (ANCHORS.md).
+    Expected: cls-head hold-out top-1 about 70% after 26 epochs, about 79% after 100 (docs/anchors.md).
     """
     return TrainConfig(
         variant="tiny_patch4_32",
@@ -252,7 +252,7 @@ def cifar10_vit_tiny() -> TrainConfig:
 
 @recipe
 def in1k_vit_base_paper() -> TrainConfig:
-    """The official SupMAE ViT-B/16 pretraining recipe (ANCHORS.md; enyac-group/supmae PRETRAIN.md).
+    """The official SupMAE ViT-B/16 pretraining recipe (docs/anchors.md; enyac-group/supmae PRETRAIN.md).
 
     Command:  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
                 -m training.cli --recipe in1k_vit_base_paper --data /data/imagenet/train \\
@@ -264,7 +264,7 @@ def in1k_vit_base_paper() -> TrainConfig:
               256 x 8 GPUs; its released log implies an effective batch of 4096, i.e. 16 processes of 256
               (the head's BatchNorm makes gradient accumulation unsafe, so scale processes, not steps).
     Time:     the paper reports 125.9 h of compute for 400 epochs + fine-tuning; one H100 runs the
-              step at about 6,000 img/s (ANCHORS.md), i.e. about 90 GPU-hours for 400 epochs.
+              step at about 6,000 img/s (docs/anchors.md), i.e. about 90 GPU-hours for 400 epochs.
     Expected: 83.6% ImageNet-1k top-1 after `in1k_vit_base_finetune` (the paper).
     """
     return TrainConfig(
@@ -294,7 +294,7 @@ def in1k_vit_base_paper() -> TrainConfig:
 
 
 def _finetune_base() -> TrainConfig:
-    """MAE's fine-tuning recipe (FINETUNE.md, ANCHORS.md), the one SupMAE uses."""
+    """MAE's fine-tuning recipe (FINETUNE.md, docs/anchors.md), the one SupMAE uses."""
     return TrainConfig(
         stage="finetune",
         epochs=100,
@@ -318,7 +318,7 @@ def _finetune_base() -> TrainConfig:
 
 @recipe
 def in1k_vit_base_finetune() -> TrainConfig:
-    """Fine-tune a SupMAE ViT-B/16 on ImageNet-1k with MAE's recipe (ANCHORS.md).
+    """Fine-tune a SupMAE ViT-B/16 on ImageNet-1k with MAE's recipe (docs/anchors.md).
 
     Command:  torchrun --nproc-per-node 8 -m training.cli --recipe in1k_vit_base_finetune \\
                 --checkpoint runs/in1k_b16/final --data /data/imagenet/train \\
@@ -354,7 +354,7 @@ def cifar10_finetune() -> TrainConfig:
               trained on. RandAug runs as timm's PIL transform in DataLoader workers.
     Time:     CPU-bound by RandAug; one GPU with 8+ workers: minutes.
     Expected: not measured here; the public MAE ViT-T CIFAR-10 reference reaches 89.8% after 2000
-              pretraining + 100 fine-tuning epochs (ANCHORS.md).
+              pretraining + 100 fine-tuning epochs (docs/anchors.md).
     """
     return dataclasses.replace(
         _finetune_base(),
@@ -408,7 +408,7 @@ def cifar10_linprobe() -> TrainConfig:
                 --data ../shared/data/cifar10/train --out runs/c10_lp
     Recipe:   frozen encoder, BN + linear head, SGD momentum 0.9, blr 0.1, 30 epochs, crop (0.35, 1) + flip.
     Time:     one GPU: well under a minute; the 2-core CPU: about a third of a pretraining epoch each.
-    Expected: ANCHORS.md measured 70.6% (26 pretraining epochs) and 79.3% (100 epochs) for this model.
+    Expected: docs/anchors.md measured 70.6% (26 pretraining epochs) and 79.3% (100 epochs) for this model.
     """
     return TrainConfig(
         stage="linprobe",

@@ -22,7 +22,7 @@ _SIZES = {
 # decoder per size: (decoder_embed_dim, decoder_depth, decoder_num_heads)
 _DECODERS = {
     "micro": (32, 1, 2),
-    "tiny": (128, 2, 4),  # the small-scale CIFAR setting in ANCHORS.md (2 x 128-d)
+    "tiny": (128, 2, 4),  # the small-scale CIFAR setting in docs/anchors.md (2 x 128-d)
     "small": (256, 2, 8),
     "base": (512, 1, 16),  # SupMAE: mae_vit_base_patch16_dec512d1b
     "large": (512, 8, 16),  # MAE defaults
