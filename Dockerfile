@@ -22,6 +22,8 @@ FROM ${CPU_IMAGE} AS base-cpu
 # package's own dependencies through pyproject.toml)
 
 # ---------------------------------------------------------------------------- build: /opt/venv
+# DL3006 (untagged image): base-${DEVICE} is one of the two stages above, whose images are tagged
+# (CUDA_IMAGE, CPU_IMAGE); hadolint cannot see through the variable
 # hadolint ignore=DL3006
 FROM base-${DEVICE} AS build
 ARG DEVICE
@@ -49,6 +51,7 @@ RUN pip install ".[${EXTRAS}]" $TORCH_PINS \
     && if [ "$DEVICE" != "cpu" ]; then pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.18"; fi
 
 # ---------------------------------------------------------------------------- runtime
+# (DL3006 as above: a tagged stage chosen by DEVICE)
 # hadolint ignore=DL3006
 FROM base-${DEVICE} AS runtime
 ARG MODEL=supmae_serve/assets/cifar10_vit_tiny

