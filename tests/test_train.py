@@ -154,6 +154,32 @@ def test_cli_bad_data_names_the_file(tmp_path, capsys):
     assert rc == 2 and "missing: data path does not exist" in capsys.readouterr().err
 
 
+def test_cli_bad_image_read_by_a_loader_worker_is_one_clear_line(tmp_path, capsys):
+    """The streaming path decodes in DataLoader workers: the DataError reaches the user as itself."""
+    from tests.conftest import synthetic_image
+    from training.cli import main
+
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            synthetic_image(seed=i).save(root / c / f"{i}.png")
+    (root / "b" / "5.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    sets = [
+        "dataset=folder",
+        "holdout=2",
+        "in_memory=false",
+        "num_workers=1",
+        "batch_size=10",
+        "progress=none",
+    ]
+    argv = ["--recipe", "debug", "--data", str(root), "--out", str(tmp_path / "run")]
+    assert main([*argv, *(w for s in sets for w in ("--set", s))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("supmae-train: error: ") and err.count("\n") == 1, err
+    assert "5.png: unreadable image" in err and "Traceback" not in err
+
+
 def test_the_card_records_paths_relative_to_where_the_run_started(tmp_path, monkeypatch):
     """No absolute path of the training machine in the card: --out (which holds the card) and data
     under the start directory are recorded relative to it; a dataset elsewhere keeps its place."""

@@ -221,6 +221,47 @@ class FolderDataset(torch.utils.data.Dataset):
         return self.transform(img), label
 
 
+class Failed:
+    """An error raised while reading an item, returned as a value (see `batches`)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class CarryErrors(torch.utils.data.Dataset):
+    """`dataset`'s items, with its errors of the types `errors` returned as `Failed` instead of raised."""
+
+    def __init__(self, dataset, errors: tuple[type[Exception], ...]):
+        self.dataset, self.errors = dataset, errors
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.dataset[i]
+        except self.errors as e:
+            return Failed(e)
+
+
+def _collate(items: list):
+    failed = next((it for it in items if isinstance(it, Failed)), None)
+    return failed if failed is not None else torch.utils.data.default_collate(items)
+
+
+def batches(dataset, errors: tuple[type[Exception], ...] = (DataError,), **loader_args):
+    """Batches of `dataset` from a DataLoader (`loader_args` as DataLoader takes them), where an error of
+    the types `errors` raised while reading an item (a corrupt image, named) is raised here as itself,
+    whichever worker process read it. A DataLoader re-raises a worker's exception with the worker's
+    whole traceback as its message (a 40-line "error:" line); carried as a value, the error crosses the
+    process boundary intact. Other exceptions (bugs) keep torch's traceback."""
+    loader = torch.utils.data.DataLoader(CarryErrors(dataset, errors), collate_fn=_collate, **loader_args)
+    for batch in loader:
+        if isinstance(batch, Failed):
+            raise batch.error
+        yield batch
+
+
 def check_class_folders(train_classes: list[str], val_classes: list[str], train_root, val_root) -> None:
     """Training and validation folders must name the same classes in the same order."""
     if train_classes != val_classes:

@@ -167,7 +167,7 @@ class LoaderBatches:
 
     def epoch(self, epoch: int, start_step: int = 0):
         self.sampler.set_epoch(epoch, start_step)
-        loader = torch.utils.data.DataLoader(
+        loader = D.batches(  # a bad image raises its DataError (file named) here, from any worker
             self.dataset,
             batch_sampler=self.sampler,
             num_workers=self.num_workers,
@@ -383,7 +383,7 @@ def _val_batches(val, batch_size: int, dist: DistInfo, prep: Preprocessing, limi
     else:
         n = len(val) if limit is None else min(limit, len(val))
         shard = torch.utils.data.Subset(val, list(range(dist.rank, n, dist.world_size)))
-        for x, y in torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=2):
+        for x, y in D.batches(shard, batch_size=batch_size, num_workers=2):  # a bad image: DataError
             yield x.to(dist.device), y.to(dist.device)
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset
 
 from supmae_serve.model import CheckpointError, ModelCard, load_checkpoint
 from supmae_serve.model.checkpoint import software_versions
@@ -51,7 +51,7 @@ from training.corruptions import (
     corrupt,
     item_rng,
 )
-from training.data import DataError, holdout_split, scan_image_folder
+from training.data import DataError, batches, holdout_split, scan_image_folder
 
 TASKS = ("accuracy", "knn", "linprobe", "fewshot", "robustness")
 WD_GRID = (1e2, 1e1, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)  # L2 strengths tried (strong to weak)
@@ -490,52 +490,22 @@ def _require_head(loaded: Loaded, task: str) -> list[str]:
     return list(names)
 
 
-class _Failed:
-    """A user-facing error raised while reading an item, returned as a value. A DataLoader worker's
-    exception reaches the main process re-raised with the whole worker traceback as its message (a
-    38-line `supmae-eval: error:`); carried as a value it crosses the process boundary intact and is
-    raised as itself. Other exceptions (bugs) keep torch's traceback."""
-
-    def __init__(self, error: Exception):
-        self.error = error
-
-
-class _CarryErrors(Dataset):
-    """`dataset`'s items, with its user-facing errors returned as `_Failed` instead of raised."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        try:
-            return self.dataset[i]
-        except (EvalError, CorruptionError) as e:
-            return _Failed(e)
-
-
-def _collate(items: list) -> Any:
-    failed = next((it for it in items if isinstance(it, _Failed)), None)
-    return failed if failed is not None else default_collate(items)
-
-
 def _batches(dataset: Dataset, run: RunConfig, device: torch.device, desc: str):
-    """Batches of `dataset` in order, decoded by `run.workers` processes; an error reading an item
-    (a corrupt image, named) is raised here as the error the item raised, whichever process read it."""
-    loader = DataLoader(
-        _CarryErrors(dataset),
-        batch_size=run.batch_size,
-        shuffle=False,
-        num_workers=run.workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
+    """Batches of `dataset` in order, decoded by `run.workers` processes; an error reading an image
+    (named) is raised as itself, not as the DataLoader's re-raised worker traceback."""
+    return _progress(
+        batches(
+            dataset,
+            (EvalError, CorruptionError),
+            batch_size=run.batch_size,
+            shuffle=False,
+            num_workers=run.workers,
+            pin_memory=device.type == "cuda",
+        ),
+        run,
+        desc,
+        total=math.ceil(len(dataset) / run.batch_size),
     )
-    for batch in _progress(loader, run, desc):
-        if isinstance(batch, _Failed):
-            raise batch.error
-        yield batch
 
 
 def _progress(iterable, run: RunConfig, desc: str, total: int | None = None):
