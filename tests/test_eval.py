@@ -206,6 +206,12 @@ def test_holdout_from_the_model_card(tmp_path, data6):
     save_checkpoint(tiny_model(num_classes=6), bare, variant=TINY, class_names=CLASSES)
     with pytest.raises(ev.EvalError, match="records no hold-out"):
         ev.evaluate_accuracy(bare, ev.DataSpec(data6, holdout="card"), run=RUN)
+    # a run validated on val_data held nothing out, whatever its recipe's hold-out count was
+    val = tmp_path / "val"
+    training = {"data": {"val": "/data/val"}, "config": {"holdout": 12.0, "holdout_seed": 3}}
+    save_checkpoint(tiny_model(num_classes=6), val, variant=TINY, class_names=CLASSES, training=training)
+    with pytest.raises(ev.EvalError, match="records no hold-out"):
+        ev.evaluate_accuracy(val, ev.DataSpec(data6, holdout="card"), run=RUN)
 
 
 # ============================================================================ bad input

@@ -195,7 +195,7 @@ def test_the_card_records_paths_relative_to_where_the_run_started(tmp_path, monk
     monkeypatch.chdir(work)
     out = tmp_path / "runs" / "r1"  # absolute, outside the start directory
     argv = ["--recipe", "debug", "--data", str(work / "data"), "--out", str(out), "--set", "dataset=folder"]
-    sets = [f"val_data={val}", "holdout=0", "max_steps=1", "batch_size=4", "progress=none", "recon_images=0"]
+    sets = [f"val_data={val}", "max_steps=1", "batch_size=4", "progress=none", "recon_images=0"]
     assert main([*argv, *(w for s in sets for w in ("--set", s))]) == 0
     tr = load_checkpoint(out / FINAL)[1].training
     flags = " ".join(f"--set {s}" for s in sets)
@@ -206,6 +206,9 @@ def test_the_card_records_paths_relative_to_where_the_run_started(tmp_path, monk
     assert tr["data"]["data"] == tr["config"]["data"] == "data"
     assert tr["data"]["val"] == tr["config"]["val_data"] == str(val)  # outside: where the data is
     assert str(work) not in json.dumps(tr)
+    # val_data replaces the recipe's hold-out (debug: 64): all of data trains, the metric is named val
+    assert tr["data"]["train_images"] == 8 and "holdout" not in tr["data"]
+    assert load_checkpoint(out / FINAL)[1].metrics["val_images"] == 4
 
 
 # ------------------------------------------------------------------ stages

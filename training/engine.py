@@ -296,7 +296,7 @@ def build_data(cfg: TrainConfig, size: int, prep: Preprocessing, dist: DistInfo)
         raise ValueError(f"unknown dataset kind {kind!r}; expected one of {D.DATASET_KINDS}")
 
     held_samples: list = []
-    if cfg.holdout > 0:
+    if cfg.holdout > 0 and not cfg.val_data:  # a validation set replaces the recipe's hold-out
         h = int(cfg.holdout) if cfg.holdout >= 1 else cfg.holdout
         if train_mem is not None:
             tr_idx, ho_idx = D.holdout_indices(train_mem.labels, h, cfg.holdout_seed)
@@ -733,7 +733,7 @@ def train(
         final_model = SupMAE(mcfg)
         final_model.load_state_dict(ema.state_dict())
         weights = "ema"
-    split = "holdout" if cfg.holdout > 0 else "val"
+    split = "holdout" if "holdout" in data.description else "val"
     metrics = {}
     if last_eval and "top1" in last_eval:
         metrics = {

@@ -338,8 +338,10 @@ def _resolve_spec(spec: DataSpec, card: ModelCard, checkpoint: str) -> DataSpec:
     """Replace holdout='card' by the count and seed recorded in the model card's training section."""
     if spec.holdout != "card":
         return spec
-    # supmae-train records it in training.data (the split it used) and training.config
-    sources = [card.training, card.training.get("data") or {}, card.training.get("config") or {}]
+    # supmae-train records the split it used in training.data (none when val_data replaced it, though
+    # training.config still holds the recipe's count); other cards may give it at the top or in config
+    data = card.training.get("data")
+    sources = [data] if isinstance(data, Mapping) else [card.training, card.training.get("config") or {}]
     for src in sources:
         if isinstance(src, Mapping) and src.get("holdout"):
             holdout = parse_holdout(src["holdout"])
