@@ -114,15 +114,21 @@ def test_corrupt_run_state_is_a_clear_error(tmp_path):
         run_state.load_state(tmp_path / "last.pt")
 
 
-def test_cli_bad_data_names_the_file(tmp_path, capsys):
+def write_folder(root, per_class: int):
+    """An ImageFolder of generated 32-px PNGs in two classes, a and b."""
     from tests.conftest import synthetic_image
-    from training.cli import main
 
-    root = tmp_path / "data"
     for c in ("a", "b"):
         (root / c).mkdir(parents=True)
-        for i in range(4):
+        for i in range(per_class):
             synthetic_image(seed=i).save(root / c / f"{i}.png")
+    return root
+
+
+def test_cli_bad_data_names_the_file(tmp_path, capsys):
+    from training.cli import main
+
+    root = write_folder(tmp_path / "data", 4)
     (root / "b" / "bad.jpg").write_bytes(b"\xff\xd8\xff nothing")
     rc = main(
         [
@@ -156,14 +162,9 @@ def test_cli_bad_data_names_the_file(tmp_path, capsys):
 
 def test_cli_bad_image_read_by_a_loader_worker_is_one_clear_line(tmp_path, capsys):
     """The streaming path decodes in DataLoader workers: the DataError reaches the user as itself."""
-    from tests.conftest import synthetic_image
     from training.cli import main
 
-    root = tmp_path / "data"
-    for c in ("a", "b"):
-        (root / c).mkdir(parents=True)
-        for i in range(6):
-            synthetic_image(seed=i).save(root / c / f"{i}.png")
+    root = write_folder(tmp_path / "data", 6)
     (root / "b" / "5.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     sets = [
         "dataset=folder",
@@ -183,15 +184,11 @@ def test_cli_bad_image_read_by_a_loader_worker_is_one_clear_line(tmp_path, capsy
 def test_the_card_records_paths_relative_to_where_the_run_started(tmp_path, monkeypatch):
     """No absolute path of the training machine in the card: --out (which holds the card) and data
     under the start directory are recorded relative to it; a dataset elsewhere keeps its place."""
-    from tests.conftest import synthetic_image
     from training.cli import main
 
-    work, val = tmp_path / "work", tmp_path / "shared" / "val"
-    for root, n in ((work / "data", 4), (val, 2)):
-        for c in ("a", "b"):
-            (root / c).mkdir(parents=True)
-            for i in range(n):
-                synthetic_image(seed=i).save(root / c / f"{i}.png")
+    work = tmp_path / "work"
+    write_folder(work / "data", 4)
+    val = write_folder(tmp_path / "shared" / "val", 2)
     monkeypatch.chdir(work)
     out = tmp_path / "runs" / "r1"  # absolute, outside the start directory
     argv = ["--recipe", "debug", "--data", str(work / "data"), "--out", str(out), "--set", "dataset=folder"]
