@@ -50,8 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def recorded_command(args: argparse.Namespace, start: str | None = None) -> str:
     """The command as the model card records it (`training.command`): `supmae-train` and the flags
     given, in the order of `--help`, with paths relative to the directory the run started in (see
-    `training.engine.card_path`). `--out` is always made relative: the card sits inside it, so its
-    absolute place says nothing about the model and only names the machine."""
+    `training.engine.card_path`); `--out`, where the card itself sits, always."""
     from .engine import PATH_FIELDS, card_path
 
     start = os.path.abspath(start if start is not None else os.getcwd())
@@ -60,11 +59,7 @@ def recorded_command(args: argparse.Namespace, start: str | None = None) -> str:
         words += ["--recipe", args.recipe]
     if args.data:
         words += ["--data", card_path(args.data, start)]
-    try:
-        out = os.path.relpath(os.path.abspath(args.out), start)
-    except ValueError:  # another drive (Windows)
-        out = args.out
-    words += ["--out", out]
+    words += ["--out", card_path(args.out, start, always=True)]
     if args.stage:
         words += ["--stage", args.stage]
     if args.checkpoint:

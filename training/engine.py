@@ -52,20 +52,21 @@ FINAL = "final"  # the contract checkpoint folder inside the run folder
 PATH_FIELDS = ("data", "val_data", "checkpoint")  # TrainConfig fields holding paths (card_path applies)
 
 
-def card_path(path: str, start: str | os.PathLike | None = None) -> str:
+def card_path(path: str, start: str | os.PathLike | None = None, *, always: bool = False) -> str:
     """`path` as the model card records it: relative to the directory the run was started in (`start`,
     default the current one), so a card names no user's home or machine layout and its command re-runs
-    from the same place. Relative paths, URLs and `synthetic` stay as given, and so does an absolute
-    path outside `start` (a shared dataset such as /data/imagenet/train: that is where the data is)."""
-    if not path or not os.path.isabs(path):
+    from the same place. URLs and `synthetic` stay as given, relative paths too unless `always`, and so
+    does an absolute path outside `start` (a shared dataset such as /data/imagenet/train: that is where
+    the data is) unless `always` (the run folder, whose absolute place only names the machine)."""
+    if not path or not (always or os.path.isabs(path)):
         return path
     start = os.path.abspath(start if start is not None else os.getcwd())
-    p = os.path.normpath(path)
+    p = os.path.abspath(path)
     try:
         inside = os.path.commonpath([p, start]) == start
     except ValueError:  # another drive (Windows)
         return path
-    return os.path.relpath(p, start) if inside else path
+    return os.path.relpath(p, start) if inside or always else path
 
 
 class NonFiniteLossError(RuntimeError):
