@@ -6,7 +6,6 @@ import torch
 
 from supmae_serve.model import (
     CheckpointError,
-    import_official,
     load_checkpoint,
     load_model_card,
     save_checkpoint,
@@ -154,40 +153,6 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
     assert [p.name for p in (tmp_path / "ck").iterdir() if p.name.endswith(".tmp")] == []
     load_checkpoint(tmp_path / "ck")
-
-
-@pytest.mark.parametrize("head_name", ["cls_head", "projection_head"])
-def test_official_layout_imports(tmp_path, head_name, images):
-    ours = _trained_like()
-    official = {}
-    for k, v in ours.state_dict().items():
-        k = k.removeprefix("encoder.")
-        if k.startswith("cls_head."):
-            k = head_name + k.removeprefix("cls_head")
-        official[k] = v
-    assert "blocks.0.attn.qkv.weight" in official and "decoder_pred.weight" in official
-    torch.save({"model": official, "epoch": 399}, tmp_path / "official.pth")
-    m = import_official(tmp_path / "official.pth", variant="micro_patch4_32")
-    assert m.config.framework == "supmae" and m.config.num_classes == 10 and m.config.cls_hidden_dim == 256
-    with torch.no_grad():
-        torch.testing.assert_close(m.forward_features(images).logits, ours.forward_features(images).logits)
-
-
-def test_official_mae_layout_imports_without_head():
-    mae = tiny_model("mae")
-    official = {k.removeprefix("encoder."): v for k, v in mae.state_dict().items()}
-    m = import_official(official, variant="micro_patch4_32")
-    assert m.config.framework == "mae" and not m.config.has_head
-
-
-class Evil:
-    """Any non-tensor class: a weights-only load must refuse to construct it."""
-
-
-def test_import_refuses_pickled_objects(tmp_path):
-    torch.save({"model": {"x": Evil()}}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match="weights-only"):
-        import_official(tmp_path / "evil.pth", variant="micro_patch4_32")
 
 
 def test_encoder_loads_into_timm_with_same_features(tmp_path, images):
