@@ -296,7 +296,8 @@ def class_names_for(num_classes: int, given: list[str] | None, source: str) -> t
 
 
 # ---------------------------------------------------------------------------- assembling the checkpoint
-def _part(name: str) -> str:
+def part_of(name: str) -> str:
+    """The part (encoder, norm, decoder, head) a tensor of our model belongs to."""
     for part in ("norm", "decoder", "head", "encoder"):  # norm before encoder: it is under encoder.
         if name.startswith(PARTS[part]):
             return part
@@ -330,19 +331,19 @@ def assemble(
     expected = model.state_dict()
     unexpected = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state))
-    fresh = sorted({_part(k) for k in missing})
+    fresh = sorted({part_of(k) for k in missing})
     if unexpected or "encoder" in fresh or "other" in fresh:
         problems = []
         if unexpected:
             problems.append(f"tensors the {config.framework} model has no place for: {_short(unexpected)}")
         if "encoder" in fresh or "other" in fresh:
             problems.append(
-                f"missing encoder tensors: {_short([k for k in missing if _part(k) == 'encoder'])}"
+                f"missing encoder tensors: {_short([k for k in missing if part_of(k) == 'encoder'])}"
             )
         raise CheckpointError(f"{source}: " + "; ".join(problems))
     check_state_dict(model, {**expected, **state}, source)  # shape mismatches, named
     model.load_state_dict({**expected, **state}, strict=True)
-    imported["parts"] = sorted({_part(k) for k in state})
+    imported["parts"] = sorted({part_of(k) for k in state})
     imported["fresh"] = fresh
     if fresh:
         imported["fresh_init"] = "MAE's initialisation, seed 0"
