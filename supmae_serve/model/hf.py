@@ -253,15 +253,19 @@ def hf_config(config: ModelConfig, with_decoder: bool) -> dict[str, Any]:
     }
 
 
-def hf_state_dict(model: SupMAE) -> tuple[dict[str, torch.Tensor], bool]:
-    """Our model's encoder (and MAE decoder) under Hub names -> (tensors, with decoder). The
-    classification head has no place in ViTMAE and is left out."""
-    c = model.config
-    if c.framework == "finetuned" and c.cls_pool == "avg":
+def check_hf_exportable(config: ModelConfig) -> None:
+    if config.framework == "finetuned" and config.cls_pool == "avg":
         raise CheckpointError(
             "a fine-tuned model with global pooling has no final norm but an fc_norm, which ViTMAE does not "
             "have; export it to timm (--format timm) instead"
         )
+
+
+def hf_state_dict(model: SupMAE) -> tuple[dict[str, torch.Tensor], bool]:
+    """Our model's encoder (and MAE decoder) under Hub names -> (tensors, with decoder). The
+    classification head has no place in ViTMAE and is left out."""
+    c = model.config
+    check_hf_exportable(c)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with_decoder = c.framework in ("supmae", "mae")
     enc = "vit." if with_decoder else ""
