@@ -274,9 +274,7 @@ def verify_timm(path: Path, card: ModelCard, images: VerifyImages, reference) ->
     from supmae_serve.model import timm_model_args
 
     name, kwargs = timm_model_args(card.config, card.variant)
-    vit = timm.create_model(
-        name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
-    ).eval()
+    vit = timm.create_model(name, **timm_model_args(card.config, card.variant, file=path)[1]).eval()
     with torch.no_grad():
         tokens = vit.forward_features(images.images)  # (N, 1+L, D) after the final norm
         got = {

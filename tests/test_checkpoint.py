@@ -158,11 +158,22 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 def test_encoder_loads_into_timm_with_same_features(tmp_path, images):
     m = _trained_like()
     path = save_timm(m, tmp_path / "encoder.safetensors")
-    name, kwargs = timm_model_args(m.config, "micro_patch4_32")
-    t = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs).eval()
+    name, kwargs = timm_model_args(m.config, "micro_patch4_32", file=path)
+    t = timm.create_model(name, **kwargs).eval()
     with torch.no_grad():
         torch.testing.assert_close(t(images), m.forward_features(images).embedding, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(t.forward_features(images)[:, 1:], m.forward_features(images).patch_tokens)
+
+
+@pytest.mark.parametrize("pool", ["avg", "cls"])
+def test_a_fine_tuned_head_survives_the_trip_to_timm(tmp_path, images, pool):
+    """timm re-initialises a classifier whose class count is not its architecture's 1000 unless told."""
+    m = tiny_model("finetuned", cls_pool=pool).eval()
+    path = save_timm(m, tmp_path / "encoder.safetensors")
+    name, kwargs = timm_model_args(m.config, "micro_patch4_32", file=path)
+    t = timm.create_model(name, **kwargs).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(t(images), m.forward_features(images).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_saved_files_are_readable_by_others(tmp_path):

@@ -336,8 +336,11 @@ def load_checkpoint(
 
 
 # ---------------------------------------------------------------------------- timm interop
-def timm_model_args(config: ModelConfig, variant: str | None = None) -> tuple[str, dict]:
-    """(timm architecture name, kwargs) that build a timm VisionTransformer shaped like our encoder."""
+def timm_model_args(
+    config: ModelConfig, variant: str | None = None, file: str | os.PathLike | None = None
+) -> tuple[str, dict]:
+    """(timm architecture name, kwargs) that build a timm VisionTransformer shaped like our encoder;
+    with `file` (a `save_timm` file) the kwargs also load it: `timm.create_model(name, **kwargs)`."""
     size = size_of(variant) if variant and variant in VARIANTS else None
     name = TIMM_NAMES.get(size or "", "vit_base_patch16_224")
     kwargs = dict(
@@ -351,6 +354,11 @@ def timm_model_args(config: ModelConfig, variant: str | None = None) -> tuple[st
         global_pool="avg" if config.cls_pool == "avg" else "token",
         fc_norm=config.framework == "finetuned" and config.cls_pool == "avg",
     )
+    if file is not None:
+        # timm drops a classifier whose class count differs from the named architecture's pretrained
+        # config (1000): giving it the count keeps a fine-tuned head
+        overlay = dict(file=str(file), num_classes=kwargs["num_classes"])
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
     return name, kwargs
 
 
@@ -363,9 +371,8 @@ def timm_state_dict(model: SupMAE) -> dict[str, torch.Tensor]:
 
 
 def save_timm(model: SupMAE, path: str | os.PathLike) -> Path:
-    """Write the encoder as a timm-loadable safetensors file:
-    `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)`
-    with (name, kwargs) from `timm_model_args`."""
+    """Write the encoder (and a fine-tuned head) as a timm-loadable safetensors file:
+    `timm.create_model(name, **kwargs)` with `name, kwargs = timm_model_args(config, variant, file=path)`."""
     p = Path(path)
     state = {k: v.contiguous() for k, v in timm_state_dict(model).items()}
     _atomic_write(p, lambda tmp: save_file(state, tmp))
