@@ -305,7 +305,9 @@ def verify_hf(folder: Path, card: ModelCard, images: VerifyImages, reference) ->
     with torch.no_grad():
         tokens = encoder(images.images, noise=torch.arange(float(length)).expand(n, length)).last_hidden_state
     got = {"cls_token": tokens[:, 0].numpy(), "patch_tokens": tokens[:, 1:].numpy()}
-    return compare({k: reference[k] for k in got}, got, "fp32", image_source=images.source, labels=images.labels)
+    return compare(
+        {k: reference[k] for k in got}, got, "fp32", image_source=images.source, labels=images.labels
+    )
 
 
 # ---------------------------------------------------------------------------- the pipeline
