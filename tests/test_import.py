@@ -183,13 +183,31 @@ def test_position_tables_are_interpolated_to_another_size(files, images):
         torch.testing.assert_close(model.forward_features(x).logits, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_an_imagenet_head_gets_imagenet_names(tmp_path):
+def test_an_imagenet_head_gets_imagenet_names_and_evaluates_on_synset_folders(tmp_path, capsys):
+    """1000 classes: ImageNet-1k's names in the card (so /v1/classify says "golden retriever"), and a
+    WordNet-id map beside it so that supmae-eval reads ImageNet's n01440764/... folders."""
+    from PIL import Image
+
+    from training.eval_cli import main as eval_main
+
     path = save_official(tmp_path / "in1k.pth", finetuned_state(True, num_classes=1000), finetune_args())
     _, card = import_official(path)
     assert card.class_names[207] == "golden retriever" and card.class_names[0] == "tench, Tinca tinca"
     assert len(set(card.class_names)) == 1000 and "crane (n02012849)" in card.class_names
     assert card.training["imported"]["class_names"] == "imagenet-1k (timm.data.ImageNetInfo)"
     assert imagenet_class_names()[207] == "golden retriever"
+    assert import_main([str(path), "--out", str(tmp_path / "ck")]) == 0
+    class_map = tmp_path / "ck" / "imagenet_class_map.json"
+    assert f"--class-map {class_map}" in capsys.readouterr().out
+    for synset in ("n01440764", "n02099601"):
+        (tmp_path / "val" / synset).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(
+                tmp_path / "val" / synset / f"{i}.png"
+            )
+    argv = ["accuracy", "--checkpoint", str(tmp_path / "ck"), "--data", str(tmp_path / "val"), "--no-save"]
+    assert eval_main([*argv, "--class-map", str(class_map), "--workers", "0", "--no-progress"]) == 0
+    assert "2 of 1000" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------- safety
@@ -308,6 +326,12 @@ def test_import_command_writes_a_checkpoint_every_tool_reads(files, tmp_path, ca
     direct, _ = import_official(paths["ft_avg"])
     with torch.no_grad():
         assert torch.equal(model.forward_features(images).logits, direct.forward_features(images).logits)
+    assert (
+        import_main([str(paths["mae"]), "--out", str(tmp_path / "vis"), "--set", "norm_pix_loss=false"]) == 0
+    )
+    assert load_model_card(tmp_path / "vis").config.norm_pix_loss is False
+    assert import_main([str(paths["mae"]), "--out", str(tmp_path / "v2"), "--set", "norm_pix=0"]) == 2
+    assert "expected key=value with key a ModelConfig field" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text('["a", "b"]')
     assert (
         import_main(

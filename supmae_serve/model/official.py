@@ -272,16 +272,20 @@ def config_from_weights(
 
 
 # ---------------------------------------------------------------------------- class names
-def imagenet_class_names() -> list[str]:
-    """The ImageNet-1k class descriptions timm ships offline (`timm.data.ImageNetInfo`), in class-index
-    order: "golden retriever" for 207. The two "crane"s (a bird, a machine) get their WordNet ids
-    appended so that every name is unique."""
+def imagenet_classes() -> list[tuple[str, str]]:
+    """(WordNet id, name) of the ImageNet-1k classes in class-index order, from the descriptions timm
+    ships offline (`timm.data.ImageNetInfo`): ("n02099601", "golden retriever") for 207. The two
+    "crane"s (a bird, a machine) get their WordNet ids appended so that every name is unique."""
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo()
-    names = [info.index_to_description(i) for i in range(info.num_classes())]
-    dup = {n for n in names if names.count(n) > 1}
-    return [f"{n} ({info.index_to_label_name(i)})" if n in dup else n for i, n in enumerate(names)]
+    pairs = [(info.index_to_label_name(i), info.index_to_description(i)) for i in range(info.num_classes())]
+    names = [n for _, n in pairs]
+    return [(w, f"{n} ({w})" if names.count(n) > 1 else n) for w, n in pairs]
+
+
+def imagenet_class_names() -> list[str]:
+    return [name for _, name in imagenet_classes()]
 
 
 def class_names_for(num_classes: int, given: list[str] | None, source: str) -> tuple[list[str] | None, str]:
