@@ -46,12 +46,7 @@ CAN = {  # what each imported layout offers
 QUIET = ["--set", "progress=none", "--set", "tensorboard=false", "--set", "recon_images=0"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,14 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * (1 - mask_ratio))
 
 
+def _noise(batch, n, device, generator, noise) -> torch.Tensor:
+    """The given masking noise on `device`, or (N, n) uniform noise drawn on the generator's device."""
+    if noise is None:
+        gen_device = generator.device if generator is not None else device
+        noise = torch.rand(batch, n, device=gen_device, generator=generator)
+    return noise.to(device) if device is not None else noise
+
+
 def random_masking(
     batch: int,
     num_patches: int,
@@ -65,10 +73,7 @@ def random_masking(
     With `generator` the noise is drawn on the generator's device, then moved (deterministic per seed).
     """
     keep = num_visible(num_patches, mask_ratio)
-    if noise is None:
-        gen_device = generator.device if generator is not None else device
-        noise = torch.rand(batch, num_patches, device=gen_device, generator=generator)
-    noise = noise.to(device) if device is not None else noise
+    noise = _noise(batch, num_patches, device, generator, noise)
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]  # (N, K)
@@ -114,10 +119,7 @@ def block_masking(
     `blocks` columns are used, so the trainer's (N, L) masking noise serves here too).
     Returns ids_keep (N, K) in ascending patch order and mask (N, L) with 0 = keep / 1 = remove."""
     count, blocks = block_mask_count(grid, block, mask_ratio)
-    if noise is None:
-        gen_device = generator.device if generator is not None else device
-        noise = torch.rand(batch, blocks, device=gen_device, generator=generator)
-    noise = (noise.to(device) if device is not None else noise)[:, :blocks]
+    noise = _noise(batch, blocks, device, generator, noise)[:, :blocks]
     if noise.shape != (batch, blocks):
         raise ValueError(
             f"block masking needs noise of shape ({batch}, >= {blocks}), got {tuple(noise.shape)}"
