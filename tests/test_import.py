@@ -277,6 +277,8 @@ def test_unknown_layouts_list_what_was_expected_and_found(tmp_path):
         import_official(hf_named)
     with pytest.raises(CheckpointError, match="can become finetuned, not 'supmae'"):
         import_official({"model": state}, framework="supmae")
+    with pytest.raises(CheckpointError, match="its head has 10 classes, not 5"):
+        import_official({"model": state}, num_classes=5)
     with pytest.raises(CheckpointError, match="expected a state dict of tensors"):
         import_official({"model": {"a": 1}})
 

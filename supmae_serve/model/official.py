@@ -415,7 +415,10 @@ def import_official(
         implied["cls_pool"] = "avg" if args["global_pool"] else "cls"
     if layout.framework == "finetuned":
         implied["cls_pool"] = layout.cls_pool
-    if num_classes is not None and "cls_head.weight" not in state and "cls_head.3.weight" not in state:
+    if num_classes is not None:
+        head = state.get("cls_head.weight", state.get("cls_head.3.weight"))
+        if head is not None and head.shape[0] != num_classes:
+            raise CheckpointError(f"{name}: its head has {head.shape[0]} classes, not {num_classes}")
         implied["num_classes"] = num_classes
     config, matched = config_from_weights(state, framework, variant, name, **(implied | overrides))
     imported = {
