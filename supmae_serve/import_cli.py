@@ -22,7 +22,6 @@ import typing
 from pathlib import Path
 
 from supmae_serve.model import (
-    FRAMEWORKS,
     VARIANTS,
     CheckpointError,
     ModelConfig,
@@ -99,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--framework",
-        choices=FRAMEWORKS,
+        choices=("supmae", "mae", "finetuned"),
         help="default: what the file is (supmae, mae or finetuned); 'supmae' on an MAE file adds a fresh "
         "head (and decoder) to train SupMAE from MAE weights; 'mae' drops a SupMAE head",
     )
