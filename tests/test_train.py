@@ -380,6 +380,8 @@ def test_every_recipe_is_documented_and_valid():
         "bicubic",
     )
     assert (paper.beta1, paper.beta2, paper.weight_decay, paper.batch_size) == (0.9, 0.95, 0.05, 256)
+    # the official code: plain DDP (per-GPU BatchNorm), tokens decayed, torchvision's crop, global pool
+    assert (paper.sync_bn, paper.decay_tokens, paper.crop, paper.pool) == (False, True, "torchvision", "avg")
 
 
 @pytest.mark.gpu
