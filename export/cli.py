@@ -3,6 +3,7 @@
     supmae-export --checkpoint runs/cifar10/final --out exported/
     supmae-export --checkpoint ck --out exported/ --calib-data data/val --tensorrt --triton triton_repo/
     supmae-export --checkpoint ck --out exported/ --format timm
+    supmae-export --checkpoint ck --out exported/ --format hf            # ViTMAE for transformers
     supmae-export --checkpoint ck --out exported/ --verify-only      # re-check an existing folder
 
 Exit status: 0 all artefacts verified; 1 an artefact failed verification (it is listed under "failed"
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="supmae-export",
         description="Export a SupMAE checkpoint to ONNX (fp32/fp16/INT8), TensorRT engines, a Triton model "
-        "repository and timm weights; verify each against the PyTorch model.",
+        "repository, timm weights and a Hugging Face ViTMAE folder; verify each against the PyTorch model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(

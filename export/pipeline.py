@@ -5,7 +5,8 @@ Stages, each announced on one progress line:
     load checkpoint -> verification images -> torch reference
       -> encoder.onnx (fp32, portable) -> encoder.opt.onnx (ONNX Runtime fused) -> encoder.fp16.onnx
       -> encoder.int8.onnx (dynamic) [-> encoder.int8-static.onnx with --calib-data]
-      -> reconstruct.onnx -> timm weights (--format timm) -> TensorRT engines (--tensorrt)
+      -> reconstruct.onnx -> timm weights (--format timm) -> hf/ (--format hf: transformers ViTMAE)
+      -> TensorRT engines (--tensorrt)
       -> Triton repository (--triton) -> latency -> manifest.json + a table
 
 Every artefact is verified against the PyTorch model (export/verify.py). One that fails its
@@ -54,7 +55,7 @@ from .verify import (
 MANIFEST_NAME = "manifest.json"
 CARD_NAME = "model.json"
 ONNX_PRECISIONS = ("fp32", "fp16", "int8")
-FORMATS = ("onnx", "timm")
+FORMATS = ("onnx", "timm", "hf")
 
 
 @dataclass
@@ -104,11 +105,9 @@ class Record:
     """One artefact in the manifest."""
 
     file: str
-    kind: str  # encoder | reconstruct | timm
+    kind: str  # encoder | reconstruct | timm | hf
     precision: str
-    format: (
-        str  # onnx (standard ops) | onnx-ort (ONNX Runtime contrib ops) | tensorrt-plan | timm-safetensors
-    )
+    format: str  # onnx | onnx-ort (ONNX Runtime contrib ops) | tensorrt-plan | timm-safetensors | hf-vitmae
     bytes: int = 0
     sha256: str = ""
     verify: dict[str, Any] | None = None
@@ -219,7 +218,7 @@ def _record(out: Path, path: Path, kind: str, precision: str, fmt: str, **detail
         [path.with_name(path.name + ".data")] if path.with_name(path.name + ".data").exists() else []
     )
     rec = Record(
-        file=path.name,
+        file=str(path.relative_to(out)),
         kind=kind,
         precision=precision,
         format=fmt,
@@ -275,9 +274,7 @@ def verify_timm(path: Path, card: ModelCard, images: VerifyImages, reference) ->
     from supmae_serve.model import timm_model_args
 
     name, kwargs = timm_model_args(card.config, card.variant)
-    vit = timm.create_model(
-        name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
-    ).eval()
+    vit = timm.create_model(name, **timm_model_args(card.config, card.variant, file=path)[1]).eval()
     with torch.no_grad():
         tokens = vit.forward_features(images.images)  # (N, 1+L, D) after the final norm
         got = {
@@ -292,6 +289,27 @@ def verify_timm(path: Path, card: ModelCard, images: VerifyImages, reference) ->
     return res, {"model_name": name, "kwargs": kwargs}
 
 
+def verify_hf(folder: Path, card: ModelCard, images: VerifyImages, reference) -> VerifyResult:
+    """Load the Hugging Face folder with transformers and compare its encoder's tokens (every patch, in
+    order: mask ratio 0 and noise = arange) with the torch model's."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ExportError(
+            "checking the Hugging Face folder needs transformers: pip install 'supmae[train]' (or --no-verify)"
+        ) from e
+    arch = json.loads((folder / "config.json").read_text())["architectures"][0]
+    model = getattr(transformers, arch).from_pretrained(folder, mask_ratio=0.0).eval()
+    encoder = model.vit if arch == "ViTMAEForPreTraining" else model
+    n, length = len(images.images), card.config.num_patches
+    with torch.no_grad():
+        tokens = encoder(images.images, noise=torch.arange(float(length)).expand(n, length)).last_hidden_state
+    got = {"cls_token": tokens[:, 0].numpy(), "patch_tokens": tokens[:, 1:].numpy()}
+    return compare(
+        {k: reference[k] for k in got}, got, "fp32", image_source=images.source, labels=images.labels
+    )
+
+
 # ---------------------------------------------------------------------------- the pipeline
 @torch.no_grad()  # scoped: the caller's grad mode is restored on return
 def run_export(cfg: ExportConfig, log: Callable[[str], None] = _stderr) -> ExportResult:
@@ -302,7 +320,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = _stderr) -> Expor
     int8 = "int8" in cfg.precisions
     onnx_stages = 2 + cfg.optimize + ("fp16" in cfg.precisions) + int8 + (int8 and cfg.calib_data is not None)
     n_stages = 3 + (onnx_stages if do_onnx else 0)  # load, images, reference; encoder + reconstruct
-    n_stages += ("timm" in cfg.formats) + cfg.tensorrt + (cfg.triton is not None) + cfg.latency
+    n_stages += ("timm" in cfg.formats) + ("hf" in cfg.formats) + cfg.tensorrt + (cfg.triton is not None)
+    n_stages += cfg.latency
     progress = Progress(n_stages, log)
     records: list[Record] = []
     skipped: list[dict[str, str]] = []
@@ -310,6 +329,10 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = _stderr) -> Expor
     with progress.stage(f"load checkpoint {cfg.checkpoint}"):
         model, card = load_checkpoint(cfg.checkpoint)
         model.eval()
+        if "hf" in cfg.formats:
+            from supmae_serve.model.hf import check_hf_exportable
+
+            check_hf_exportable(card.config)  # before any artefact is written
         (out / CARD_NAME).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
     with progress.stage("verification images"):
         n_calib = cfg.calib_images if (cfg.calib_data is not None and "int8" in cfg.precisions) else 0
@@ -454,6 +477,17 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = _stderr) -> Expor
                 out, tpath, "timm", "fp32", "timm-safetensors", timm={"model_name": name, "kwargs": kwargs}
             )
             check(rec, lambda: verify_timm(tpath, card, images, reference)[0])
+            records.append(rec)
+
+    if "hf" in cfg.formats:
+        hf_dir = out / "hf"
+        with progress.stage("hf/ (Hugging Face transformers ViTMAE folder)"):
+            from supmae_serve.model.hf import save_hf
+
+            save_hf(model, hf_dir)
+            arch = json.loads((hf_dir / "config.json").read_text())["architectures"][0]
+            rec = _record(out, hf_dir / "model.safetensors", "hf", "fp32", "hf-vitmae", architecture=arch)
+            check(rec, lambda: verify_hf(hf_dir, card, images, reference))
             records.append(rec)
 
     engine_for_triton = None
@@ -733,6 +767,8 @@ def verify_existing(cfg: ExportConfig, log: Callable[[str], None] = _stderr) -> 
                 res = verify_onnx_reconstruct(path, model, images, cfg.threads, (card.config.mask_ratio,))
             elif rec.kind == "timm":
                 res = verify_timm(path, card, images, reference)[0]
+            elif rec.kind == "hf":
+                res = verify_hf(path.parent, card, images, reference)
             else:
                 log(f"      {rec.file}: {rec.format} is checked by hash only on this machine")
                 records.append(rec)

@@ -6,7 +6,6 @@ import torch
 
 from supmae_serve.model import (
     CheckpointError,
-    import_official,
     load_checkpoint,
     load_model_card,
     save_checkpoint,
@@ -156,48 +155,25 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     load_checkpoint(tmp_path / "ck")
 
 
-@pytest.mark.parametrize("head_name", ["cls_head", "projection_head"])
-def test_official_layout_imports(tmp_path, head_name, images):
-    ours = _trained_like()
-    official = {}
-    for k, v in ours.state_dict().items():
-        k = k.removeprefix("encoder.")
-        if k.startswith("cls_head."):
-            k = head_name + k.removeprefix("cls_head")
-        official[k] = v
-    assert "blocks.0.attn.qkv.weight" in official and "decoder_pred.weight" in official
-    torch.save({"model": official, "epoch": 399}, tmp_path / "official.pth")
-    m = import_official(tmp_path / "official.pth", variant="micro_patch4_32")
-    assert m.config.framework == "supmae" and m.config.num_classes == 10 and m.config.cls_hidden_dim == 256
-    with torch.no_grad():
-        torch.testing.assert_close(m.forward_features(images).logits, ours.forward_features(images).logits)
-
-
-def test_official_mae_layout_imports_without_head():
-    mae = tiny_model("mae")
-    official = {k.removeprefix("encoder."): v for k, v in mae.state_dict().items()}
-    m = import_official(official, variant="micro_patch4_32")
-    assert m.config.framework == "mae" and not m.config.has_head
-
-
-class Evil:
-    """Any non-tensor class: a weights-only load must refuse to construct it."""
-
-
-def test_import_refuses_pickled_objects(tmp_path):
-    torch.save({"model": {"x": Evil()}}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match="weights-only"):
-        import_official(tmp_path / "evil.pth", variant="micro_patch4_32")
-
-
 def test_encoder_loads_into_timm_with_same_features(tmp_path, images):
     m = _trained_like()
     path = save_timm(m, tmp_path / "encoder.safetensors")
-    name, kwargs = timm_model_args(m.config, "micro_patch4_32")
-    t = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs).eval()
+    name, kwargs = timm_model_args(m.config, "micro_patch4_32", file=path)
+    t = timm.create_model(name, **kwargs).eval()
     with torch.no_grad():
         torch.testing.assert_close(t(images), m.forward_features(images).embedding, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(t.forward_features(images)[:, 1:], m.forward_features(images).patch_tokens)
+
+
+@pytest.mark.parametrize("pool", ["avg", "cls"])
+def test_a_fine_tuned_head_survives_the_trip_to_timm(tmp_path, images, pool):
+    """timm re-initialises a classifier whose class count is not its architecture's 1000 unless told."""
+    m = tiny_model("finetuned", cls_pool=pool).eval()
+    path = save_timm(m, tmp_path / "encoder.safetensors")
+    name, kwargs = timm_model_args(m.config, "micro_patch4_32", file=path)
+    t = timm.create_model(name, **kwargs).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(t(images), m.forward_features(images).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_saved_files_are_readable_by_others(tmp_path):

@@ -156,9 +156,10 @@ def test_crop_box_picks_the_right_region():
     assert torch.allclose(out, torch.ones_like(out))
 
 
-def test_crop_boxes_respect_scale_and_bounds():
+@pytest.mark.parametrize("style", ["torchvision", "clamp"])
+def test_crop_boxes_respect_scale_and_bounds_on_the_pixel_grid(style):
     g = torch.Generator().manual_seed(0)
-    b = crop_boxes(2000, (0.35, 1.0), generator=g)
+    b = crop_boxes(2000, (0.35, 1.0), generator=g, image_size=(32, 48), style=style)
     w, h, left, top, flip = b.unbind(1)
     area = w * h
     assert area.min() >= 0.35 * 0.74 and area.max() <= 1.0 + 1e-6  # clamping can shrink a box
@@ -168,7 +169,44 @@ def test_crop_boxes_respect_scale_and_bounds():
         and (left + w <= 1 + 1e-6).all()
         and (top + h <= 1 + 1e-6).all()
     )
+    for v, side in ((w, 48), (left, 48), (h, 32), (top, 32)):  # whole pixels, as torchvision crops
+        assert torch.allclose(v * side, (v * side).round(), atol=1e-4)
     assert 0.4 < (flip < 0).float().mean() < 0.6
+
+
+def test_crop_boxes_are_drawn_the_way_torchvision_draws_them():
+    """torchvision's RandomResizedCrop: up to 10 tries, then the centre crop. Over 20,000 draws on a
+    32-px image at scale (0.2, 1) the boxes have torchvision's mean area (0.54) and mean width; MAE's
+    clamped one-draw rule (the linear probe's crop, and this module's rule before) averages 0.59."""
+    from torchvision.transforms import RandomResizedCrop
+
+    n = 20000
+    ours = crop_boxes(n, (0.2, 1.0), generator=torch.Generator().manual_seed(0), image_size=(32, 32))
+    torch.manual_seed(0)
+    img = torch.zeros(3, 32, 32)
+    tv = torch.tensor(
+        [RandomResizedCrop.get_params(img, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(n)]
+    ).float()
+    tv_area, tv_w = tv[:, 2] * tv[:, 3] / 1024, tv[:, 3] / 32  # (i, j, h, w)
+    area = ours[:, 0] * ours[:, 1]
+    assert abs(area.mean() - tv_area.mean()) < 0.01, (area.mean(), tv_area.mean())
+    assert abs(ours[:, 0].mean() - tv_w.mean()) < 0.01
+    assert abs((area == 1).float().mean() - (tv_area == 1).float().mean()) < 0.01  # whole-image crops
+    clamp = crop_boxes(
+        n, (0.2, 1.0), generator=torch.Generator().manual_seed(0), image_size=(32, 32), style="clamp"
+    )
+    assert (clamp[:, 0] * clamp[:, 1]).mean() > tv_area.mean() + 0.03
+
+
+def test_the_centre_crop_fallback_is_torchvisions():
+    """On a 64 x 8 image no box of 90-100% of the area fits any ratio in (3/4, 4/3): every draw falls
+    back to torchvision's centre crop (the full width, height width / (3/4), centred)."""
+    from torchvision.transforms import RandomResizedCrop
+
+    i, j, h, w = RandomResizedCrop.get_params(torch.zeros(3, 64, 8), [0.9, 1.0], [3 / 4, 4 / 3])
+    b = crop_boxes(16, (0.9, 1.0), generator=torch.Generator().manual_seed(0), image_size=(64, 8))
+    expect = torch.tensor([w / 8, h / 64, j / 8, i / 64])
+    assert (i, j, h, w) == (26, 0, 11, 8) and torch.allclose(b[:, :4], expect.expand(16, -1))
 
 
 def test_global_batch_rows_match_across_process_splits():
@@ -180,3 +218,24 @@ def test_global_batch_rows_match_across_process_splits():
         for r in (0, 1)
     ]
     assert torch.equal(torch.cat(parts), whole)
+
+
+def test_the_clamped_crop_for_the_streaming_path():
+    """crop=clamp in DataLoader workers: MAE's util/crop.py rule (crop_boxes style "clamp") on PIL images."""
+    from PIL import Image
+
+    from training.augment import ClampedRandomResizedCrop
+
+    img = synthetic_image((48, 40))
+    crop = ClampedRandomResizedCrop(16, (0.08, 1.0))
+    torch.manual_seed(3)
+    out = crop(img)
+    torch.manual_seed(3)
+    w, h, left, top, _ = crop_boxes(1, (0.08, 1.0), hflip=False, image_size=(40, 48), style="clamp")[
+        0
+    ].tolist()
+    box = (round(left * 48), round(top * 40), round((left + w) * 48), round((top + h) * 40))
+    assert out.size == (16, 16)
+    assert np.array_equal(
+        np.asarray(out), np.asarray(img.resize((16, 16), Image.Resampling.BICUBIC, box=box))
+    )

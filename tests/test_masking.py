@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from supmae_serve.model.masking import (
+    block_masking,
     gather_tokens,
+    interpolate_pos_embed,
     mask_from_keep,
     num_visible,
     patchify,
@@ -82,3 +84,45 @@ def test_sincos_table_matches_mae_definition():
         [np.sin(col * omega), np.cos(col * omega), np.sin(row * omega), np.cos(row * omega)]
     )
     np.testing.assert_allclose(emb[1 + 1 * g + 2], expect, rtol=1e-6, atol=1e-6)
+
+
+def test_block_masking_is_simmims_mask_generator():
+    """ViT-B/16 at 224 px with 32-px mask patches: a 7 x 7 grid of 2 x 2-patch blocks, ceil(49 * 0.75) = 37
+    blocks masked (SimMIM's MaskGenerator), so 148 of the 196 patches, whole blocks at a time."""
+    ids_keep, mask = block_masking(500, 14, 2, 0.75, generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (500, 196) and ids_keep.shape == (500, 48)
+    assert torch.equal(mask.sum(1), torch.full((500,), 148.0))
+    blocks = mask.view(500, 7, 2, 7, 2)
+    assert torch.equal(blocks.amin((2, 4)), blocks.amax((2, 4)))  # constant inside every block
+    assert torch.equal(mask_from_keep(ids_keep, 196), mask)
+    assert torch.all(ids_keep[:, 1:] > ids_keep[:, :-1])  # kept patches in order
+    # every block is equally likely to be masked: 37 / 49 = 0.755
+    freq = blocks[:, :, 0, :, 0].mean(0)
+    assert (freq - 37 / 49).abs().max() < 0.1
+    # the draw follows the noise: the smallest-noise blocks are masked
+    noise = torch.rand(3, 196)
+    _, m = block_masking(3, 14, 2, 0.75, noise=noise)
+    top = torch.argsort(noise[:, :49], 1)[:, :37]
+    coarse = torch.zeros(3, 49).scatter(1, top, 1.0).view(3, 7, 7)
+    assert torch.equal(m, coarse.repeat_interleave(2, 1).repeat_interleave(2, 2).reshape(3, 196))
+
+
+def test_block_masking_rejects_a_grid_it_cannot_cut():
+    with pytest.raises(ValueError, match="cannot be cut"):
+        block_masking(2, 14, 3, 0.75)
+
+
+def test_interpolate_pos_embed_keeps_cls_and_orientation():
+    """MAE's interpolate_pos_embed: the cls row is kept and the patch rows are resized as an image, so a
+    table whose channel 0 is the row and channel 1 the column keeps that meaning on the new grid."""
+    g = 4
+    rows, cols = torch.meshgrid(torch.arange(g).float(), torch.arange(g).float(), indexing="ij")
+    table = torch.cat([torch.full((1, 1, 2), 7.0), torch.stack([rows, cols], -1).reshape(1, g * g, 2)], 1)
+    assert interpolate_pos_embed(table, g) is table
+    big = interpolate_pos_embed(table, 8)
+    assert big.shape == (1, 65, 2) and torch.equal(big[:, 0], table[:, 0])
+    grid = big[0, 1:].reshape(8, 8, 2)
+    assert torch.all(grid[1:, :, 0] >= grid[:-1, :, 0] - 1e-5) and grid[:, :, 0].std(1).max() < 1e-5
+    assert torch.all(grid[:, 1:, 1] >= grid[:, :-1, 1] - 1e-5) and grid[:, :, 1].std(0).max() < 1e-5
+    with pytest.raises(ValueError, match="square"):
+        interpolate_pos_embed(torch.zeros(1, 11, 2), 4)

@@ -1,5 +1,6 @@
 """The model's behaviour against the paper and the official code, on a tiny variant."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,12 +81,19 @@ def test_supervised_loss_is_plain_ce_on_all_patches(images, labels):
 
 
 def test_simmim_loss_matches_recomputation(images, labels):
-    m = tiny_model("simmim", mask_ratio=0.6)
+    m = tiny_model("simmim", mask_ratio=0.6)  # 8-px mask blocks on 32-px images: a 4 x 4 block grid
     noise = torch.rand(4, 64)
     out = m(images, labels, noise=noise)
     enc = m.encoder
-    keep = int(64 * 0.4)
-    mask = torch.ones(4, 64).scatter(1, torch.argsort(noise, 1)[:, :keep], 0.0)
+    # SimMIM's MaskGenerator, written independently: ceil(16 * 0.6) = 10 of the 16 blocks are masked
+    # (here the 10 with the smallest noise), each block is 2 x 2 patches of the 8 x 8 patch grid
+    masked_blocks = np.argsort(noise[:, :16].numpy(), axis=1)[:, :10]
+    coarse = np.zeros((4, 16))
+    np.put_along_axis(coarse, masked_blocks, 1.0, axis=1)
+    mask = torch.from_numpy(
+        coarse.reshape(4, 4, 4).repeat(2, axis=1).repeat(2, axis=2).reshape(4, 64)
+    ).float()
+    assert torch.equal(out.mask, mask) and mask.sum(1).tolist() == [40.0] * 4
     x = enc.patch_embed(images)
     x = torch.where(mask[..., None].bool(), m.mask_token.expand_as(x), x) + enc.pos_embed[:, 1:]
     x = torch.cat([(enc.cls_token + enc.pos_embed[:, :1]).expand(4, -1, -1), x], 1)
@@ -189,6 +197,30 @@ def test_no_weight_decay_names():
 def test_pos_embed_fixed():
     m = tiny_model("supmae")
     assert not m.encoder.pos_embed.requires_grad and not m.decoder_pos_embed.requires_grad
+
+
+def test_finetuned_models_train_the_position_table_and_pool_as_configured(images):
+    """MAE's fine-tuning model is timm's ViT: a trained pos_embed; global pool + fc_norm (no final norm),
+    or with --cls_token the final norm and the cls token (models_vit.py)."""
+    avg = tiny_model("finetuned")
+    assert avg.encoder.pos_embed.requires_grad
+    names = set(avg.state_dict())
+    assert "encoder.fc_norm.weight" in names and "encoder.norm.weight" not in names
+    cls = tiny_model("finetuned", cls_pool="cls").eval()
+    names = set(cls.state_dict())
+    assert "encoder.norm.weight" in names and "encoder.fc_norm.weight" not in names
+    with torch.no_grad():
+        f = cls.forward_features(images)
+    torch.testing.assert_close(f.embedding, f.cls_token)
+    torch.testing.assert_close(f.logits, cls.cls_head(f.cls_token))
+
+
+def test_simmim_block_size_is_checked():
+    with pytest.raises(ValueError, match="masks all 1 blocks"):
+        tiny_model("simmim", mask_patch_size=32)  # one 32-px block is the whole CIFAR image
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        tiny_model("simmim", mask_patch_size=6)
+    assert tiny_model("supmae", mask_patch_size=32).config.mask_patch_size == 32  # only SimMIM uses it
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

@@ -246,6 +246,73 @@ def test_linprobe_freezes_the_encoder_and_folds_the_bn_head(tmp_path, pretrained
         assert torch.equal(v, model.encoder.state_dict()[k]), k
 
 
+def test_the_official_probe_reads_the_cls_token_with_lars(tmp_path, pretrained, images):
+    """FINETUNE.md: "linear probing is using the class token"; main_linprobe.py: LARS, MAE's clamped
+    crop. The saved probe classifies the cls token; the patch-average SGD probe stays an option."""
+    for name in ("in1k_linprobe", "cifar10_linprobe"):
+        r = get_recipe(name)
+        assert (r.pool, r.optimizer, r.crop, r.weight_decay, r.epochs, r.warmup_epochs) == (
+            "cls",
+            "lars",
+            "clamp",
+            0.0,
+            90,
+            10,
+        )
+    assert get_recipe("in1k_linprobe").sync_bn is False and get_recipe("in1k_linprobe").batch_size * 8 == 8192
+    source, _ = load_checkpoint(pretrained)
+    cfg = small(stage="linprobe", checkpoint=str(pretrained), epochs=1, blr=0.1, optimizer="lars", pool="cls")
+    res = train(dataclasses.replace(cfg, crop="clamp"), tmp_path)
+    model, card = load_checkpoint(res.checkpoint)
+    assert card.config.cls_pool == "cls" and card.training["config"]["optimizer"] == "lars"
+    with torch.no_grad():
+        f = model.forward_features(images[:, :, :32, :32])
+        torch.testing.assert_close(f.logits, model.cls_head(f.cls_token))
+    for k, v in source.encoder.state_dict().items():
+        assert torch.equal(v, model.encoder.state_dict()[k]), k
+
+
+def test_pretraining_continues_from_imported_mae_weights(tmp_path, pretrained, images):
+    """SupMAE training started from MAE weights: an MAE checkpoint (here with an untrained decoder, as an
+    encoder-only import has) gives the encoder; the untrained decoder and the missing head start fresh."""
+    import json as _json
+
+    from supmae_serve.model import save_checkpoint
+
+    mae, _ = load_checkpoint(pretrained)
+    mae_only = create_model("micro_patch4_32", framework="mae")
+    mae_only.load_state_dict({k: v for k, v in mae.state_dict().items() if not k.startswith("cls_head.")})
+    card = save_checkpoint(mae_only, tmp_path / "mae", variant="micro_patch4_32")
+    data = _json.loads((tmp_path / "mae" / "model.json").read_text())
+    (tmp_path / "mae" / "model.json").write_text(_json.dumps({**data, "untrained": ["decoder"]}))
+    assert card.framework == "mae"
+    res = train(
+        small(checkpoint=str(tmp_path / "mae"), max_steps=1, blr=1e-9, warmup_epochs=0), tmp_path / "run"
+    )
+    model, card = load_checkpoint(res.checkpoint)
+    assert card.framework == "supmae" and card.variant == "micro_patch4_32"
+    assert card.training["init_parts"] == ["encoder", "norm"] and card.training["fresh_parts"] == [
+        "decoder",
+        "head",
+    ]
+    delta = (model.encoder.blocks[0].attn.qkv.weight - mae.encoder.blocks[0].attn.qkv.weight).abs().max()
+    assert delta < 1e-5  # one step at lr 1e-9: the encoder is the MAE encoder
+    assert not torch.equal(
+        model.decoder_pred.weight, mae.decoder_pred.weight
+    )  # the untrained decoder was not copied
+
+
+def test_finetuning_at_another_size_interpolates_the_position_table(tmp_path, pretrained):
+    cfg = small(stage="finetune", checkpoint=str(pretrained), max_steps=1, img_size=64, batch_size=4)
+    res = train(cfg, tmp_path)
+    model, card = load_checkpoint(res.checkpoint)
+    # patch 4 at 64 px is no table variant
+    assert (card.config.img_size, card.preprocessing.image_size, card.variant) == (64, 64, None)
+    assert model.encoder.pos_embed.shape == (1, 1 + 16 * 16, 64)
+    with pytest.raises(ValueError, match="img_size needs checkpoint"):
+        small(img_size=64).validate()
+
+
 def test_probe_head_folds_exactly():
     torch.manual_seed(0)
     head = ProbeHead(8, 3)
@@ -265,26 +332,62 @@ def test_schedule_warmup_then_cosine():
     assert scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)
 
 
-def test_param_groups_exempt_norms_biases_tokens_and_scale_layers():
-    model = create_model("micro_patch4_32", num_classes=10)
-    groups = param_groups(model, 0.05)
+def _decayed(groups) -> tuple[set, set]:
     decay = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
-    no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
-    assert "encoder.blocks.0.attn.qkv.weight" in decay and "cls_head.0.weight" in decay
+    return decay, {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
+
+
+def test_param_groups_follow_the_official_pretraining_and_fine_tuning():
+    """Pretraining (timm 0.3.2 add_weight_decay): only 1-D tensors are exempt, so the cls and mask tokens
+    are decayed, and the frozen position tables are not trained. Fine-tuning (param_groups_lrd with
+    timm's no_weight_decay): pos_embed and cls_token exempt too, both in layer 0, pos_embed trained."""
+    model = create_model("micro_patch4_32", num_classes=10)
+    decay, no_decay = _decayed(param_groups(model, 0.05))
     assert {
+        "encoder.blocks.0.attn.qkv.weight",
+        "cls_head.0.weight",
         "encoder.cls_token",
         "mask_token",
-        "encoder.norm.weight",
-        "encoder.blocks.0.attn.qkv.bias",
-    } <= no_decay
+    } <= decay
+    assert {"encoder.norm.weight", "encoder.blocks.0.attn.qkv.bias", "cls_head.1.weight"} <= no_decay
     assert "encoder.pos_embed" not in decay | no_decay  # fixed sin-cos table: not trained
+    decay, no_decay = _decayed(param_groups(model, 0.05, decay_tokens=False))
+    assert {"encoder.cls_token", "mask_token"} <= no_decay and "encoder.blocks.0.attn.qkv.weight" in decay
     ft = create_model("micro_patch4_32", framework="finetuned", num_classes=10)
-    scales = {n: g["lr_scale"] for g in param_groups(ft, 0.05, layer_decay=0.5) for n in g["names"]}
-    assert scales["encoder.patch_embed.proj.weight"] == 0.5**3
+    groups = param_groups(ft, 0.05, layer_decay=0.5, decay_tokens=False)
+    decay, no_decay = _decayed(groups)
+    assert {"encoder.pos_embed", "encoder.cls_token", "encoder.fc_norm.weight"} <= no_decay
+    scales = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    assert scales["encoder.patch_embed.proj.weight"] == scales["encoder.pos_embed"] == 0.5**3
     assert (
         scales["encoder.blocks.0.mlp.fc1.weight"] == 0.5**2 and scales["encoder.blocks.1.norm1.weight"] == 0.5
     )
-    assert scales["cls_head.weight"] == 1.0
+    assert scales["cls_head.weight"] == 1.0 and scales["encoder.fc_norm.weight"] == 1.0
+    assert get_recipe("in1k_vit_base_finetune").decay_tokens is False
+    assert get_recipe("in1k_vit_base_paper").decay_tokens is True
+
+
+def test_lars_is_the_official_update():
+    """util/lars.py: for a 2-D weight, g + wd * w rescaled by 0.001 |w| / |g + wd * w|, then momentum;
+    a 1-D bias gets neither."""
+    from training.optim import LARS
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    b = torch.nn.Parameter(torch.randn(3))
+    opt = LARS([{"params": [w, b], "weight_decay": 0.1}], lr=0.5, momentum=0.9)
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    gw, gb = torch.randn(3, 4), torch.randn(3)
+    mu_w, mu_b = torch.zeros(3, 4), torch.zeros(3)
+    for _ in range(2):
+        w.grad, b.grad = gw.clone(), gb.clone()
+        d = gw + 0.1 * w0
+        mu_w = 0.9 * mu_w + d * (0.001 * w0.norm() / d.norm())
+        mu_b = 0.9 * mu_b + gb
+        w0, b0 = w0 - 0.5 * mu_w, b0 - 0.5 * mu_b
+        opt.step()
+        torch.testing.assert_close(w.detach(), w0)
+        torch.testing.assert_close(b.detach(), b0)
 
 
 def test_overrides_are_typed_and_unknown_keys_rejected():
@@ -331,6 +434,8 @@ def test_every_recipe_is_documented_and_valid():
         "bicubic",
     )
     assert (paper.beta1, paper.beta2, paper.weight_decay, paper.batch_size) == (0.9, 0.95, 0.05, 256)
+    # the official code: plain DDP (per-GPU BatchNorm), tokens decayed, torchvision's crop, global pool
+    assert (paper.sync_bn, paper.decay_tokens, paper.crop, paper.pool) == (False, True, "torchvision", "avg")
 
 
 @pytest.mark.gpu

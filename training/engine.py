@@ -30,7 +30,7 @@ from supmae_serve.model.checkpoint import Preprocessing
 from supmae_serve.preprocess import normalize, to_tensor
 
 from . import data as D
-from .augment import random_resized_crop, step_generator
+from .augment import ClampedRandomResizedCrop, random_resized_crop, step_generator
 from .distributed import (
     DistInfo,
     all_gather_objects,
@@ -46,7 +46,7 @@ from .optim import EMA, build_optimizer, param_groups
 from .recipes import TrainConfig
 from .run_state import LAST, atomic_save, load_state, rng_state, set_rng_state
 from .schedule import WarmupCosine, scaled_lr, set_lr
-from .stages import export_model, finetune_model, linprobe_model, pretrain_model
+from .stages import continue_pretraining, export_model, finetune_model, linprobe_model, pretrain_model
 
 FINAL = "final"  # the contract checkpoint folder inside the run folder
 PATH_FIELDS = ("data", "val_data", "checkpoint")  # TrainConfig fields holding paths (card_path applies)
@@ -108,10 +108,12 @@ class TensorBatches:
         hflip: bool,
         mode: str,
         prep: Preprocessing,
+        crop: str = "torchvision",
     ):
         self.data, self.b, self.dist, self.seed = data, batch_size, dist, seed
         self.global_batch = batch_size * dist.world_size
         self.size, self.scale, self.hflip, self.mode, self.prep = image_size, scale, hflip, mode, prep
+        self.crop = crop
         self.steps_per_epoch = len(data) // self.global_batch
         if self.steps_per_epoch == 0:
             raise D.DataError(
@@ -126,7 +128,15 @@ class TensorBatches:
             idx = perm[s * self.global_batch + off : s * self.global_batch + off + self.b]
             g = step_generator(self.seed, epoch * self.steps_per_epoch + s, self.data.images.device)
             x = random_resized_crop(
-                self.data.images[idx], self.size, self.scale, self.hflip, g, self.global_batch, off, self.mode
+                self.data.images[idx],
+                self.size,
+                self.scale,
+                self.hflip,
+                g,
+                self.global_batch,
+                off,
+                self.mode,
+                self.crop,
             )  # (B, 3, S, S) in [0, 1]
             yield normalize(x, self.prep), self.data.labels[idx]
 
@@ -240,6 +250,19 @@ def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _timm_train_transform(cfg: TrainConfig, size: int, prep: Preprocessing):
+    """The streaming path's transform: timm's (torchvision's crop rule, RandAug, erasing, jitter), or
+    for crop=clamp the official linear probe's (MAE util/crop.py crop + flip)."""
+    if cfg.crop == "clamp":
+        from torchvision import transforms
+
+        return transforms.Compose(
+            [
+                ClampedRandomResizedCrop(size, (cfg.scale_min, cfg.scale_max), cfg.interpolation),
+                transforms.RandomHorizontalFlip(0.5 if cfg.hflip else 0.0),
+                transforms.ToTensor(),
+                transforms.Normalize(prep.mean, prep.std),
+            ]
+        )
     from timm.data import create_transform
 
     return create_transform(
@@ -369,6 +392,7 @@ def build_data(cfg: TrainConfig, size: int, prep: Preprocessing, dist: DistInfo)
             hflip=cfg.hflip,
             mode=cfg.interpolation,
             prep=prep,
+            crop=cfg.crop,
         )
     return TrainData(src, val, train_mem.class_names, desc)
 
@@ -425,25 +449,30 @@ def _amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     return None, False
 
 
-def _build_model(cfg: TrainConfig, num_classes: int) -> tuple[SupMAE, str, dict]:
+def _build_model(cfg: TrainConfig, num_classes: int) -> tuple[SupMAE, str | None, dict]:
+    """-> (model, its variant name or None for a shape outside the table, what it was initialised from)."""
     if cfg.stage == "pretrain":
-        model = pretrain_model(
-            cfg.variant,
-            num_classes,
+        recipe = dict(
             framework=cfg.framework,
             mask_ratio=cfg.mask_ratio,
             norm_pix_loss=cfg.norm_pix_loss,
             cls_loss_ratio=cfg.cls_loss_ratio,
             cls_temperature=cfg.cls_temperature,
+            cls_pool=cfg.pool,
             drop_path_rate=cfg.drop_path,
             label_smoothing=cfg.label_smoothing,
         )
-        return model, cfg.variant, {}
+        if not cfg.checkpoint:
+            return pretrain_model(cfg.variant, num_classes, **recipe), cfg.variant, {}
+        model, variant, parts = continue_pretraining(cfg.checkpoint, num_classes, cfg.img_size, **recipe)
+        return model, variant, {"init_checkpoint": card_path(cfg.checkpoint), **parts}
     smoothing = 0.0 if (cfg.mixup > 0 or cfg.cutmix > 0) else cfg.label_smoothing  # Mixup smooths itself
     if cfg.stage == "finetune":
-        model, variant = finetune_model(cfg.checkpoint, num_classes, cfg.drop_path, smoothing)
+        model, variant = finetune_model(
+            cfg.checkpoint, num_classes, cfg.drop_path, smoothing, pool=cfg.pool, img_size=cfg.img_size
+        )
     else:
-        model, variant = linprobe_model(cfg.checkpoint, num_classes)
+        model, variant = linprobe_model(cfg.checkpoint, num_classes, pool=cfg.pool, img_size=cfg.img_size)
     return model, variant or cfg.variant, {"init_checkpoint": card_path(cfg.checkpoint)}
 
 
@@ -474,11 +503,12 @@ def train(
     # ---- data and model
     from supmae_serve.model import model_config
 
-    size = model_config(cfg.variant).img_size if cfg.stage == "pretrain" else None
-    if size is None:
+    if cfg.checkpoint:
         from supmae_serve.model import load_model_card
 
-        size = load_model_card(cfg.checkpoint).config.img_size
+        size = cfg.img_size or load_model_card(cfg.checkpoint).config.img_size
+    else:
+        size = model_config(cfg.variant).img_size
     prep = Preprocessing.for_size(size)
     data = build_data(cfg, size, prep, dist)
     num_classes = cfg.num_classes or len(data.class_names)
@@ -496,7 +526,7 @@ def train(
     steps_per_epoch = src.steps_per_epoch
     global_batch = cfg.batch_size * dist.world_size
     peak_lr = cfg.lr if cfg.lr > 0 else scaled_lr(cfg.blr, global_batch)
-    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, decay_tokens=cfg.decay_tokens)
     opt = build_optimizer(
         groups, cfg.optimizer, peak_lr, (cfg.beta1, cfg.beta2), cfg.momentum, fused=device.type == "cuda"
     )
@@ -558,7 +588,7 @@ def train(
     terms = ["loss"] + (["loss_rec"] if masked else []) + (["loss_cls"] if masked and mcfg.has_head else [])
     if main:
         progress.message(
-            f"supmae-train: {cfg.recipe} ({cfg.stage}, {variant}, {mcfg.framework}) on {device} x{dist.world_size} | "
+            f"supmae-train: {cfg.recipe} ({cfg.stage}, {variant or 'custom'}, {mcfg.framework}) on {device} x{dist.world_size} | "
             f"{data.description} | {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, global batch {global_batch}, "
             f"lr {peak_lr:.3g} | out {out}"
         )

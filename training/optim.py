@@ -1,4 +1,4 @@
-"""Optimiser construction: weight-decay groups, layer-wise lr decay, AdamW/SGD, EMA."""
+"""Optimiser construction: weight-decay groups, layer-wise lr decay, AdamW / SGD / LARS, EMA."""
 
 from __future__ import annotations
 
@@ -19,12 +19,21 @@ def layer_id(name: str, num_layers: int) -> int:
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, layer_decay: float = 1.0, num_layers: int | None = None
+    model: nn.Module,
+    weight_decay: float,
+    layer_decay: float = 1.0,
+    num_layers: int | None = None,
+    decay_tokens: bool = True,
 ) -> list[dict]:
-    """Parameter groups with no weight decay on 1-D tensors (norms, biases) and on the names in
-    `model.no_weight_decay()` (tokens, position tables); with `layer_decay` < 1 each group also
-    carries `lr_scale = layer_decay ** (num_layers + 1 - layer_id)` (MAE fine-tuning, BEiT)."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    """Parameter groups with no weight decay on 1-D tensors (norms, biases) and, unless `decay_tokens`,
+    on the names in `model.no_weight_decay()` (cls / mask tokens, position tables). The official
+    pretraining decays the tokens (timm 0.3.2's `add_weight_decay` exempts only 1-D tensors, frozen
+    ones are skipped); the official fine-tuning does not (`param_groups_lrd` with timm's
+    `no_weight_decay()`: pos_embed, cls_token). With `layer_decay` < 1 each group also carries
+    `lr_scale = layer_decay ** (num_layers + 1 - layer_id)` (MAE fine-tuning, BEiT)."""
+    skip = set()
+    if not decay_tokens and hasattr(model, "no_weight_decay"):
+        skip = model.no_weight_decay()
     if num_layers is None:
         num_layers = len(getattr(getattr(model, "encoder", model), "blocks", []))
     groups: dict[tuple[int, bool], dict] = {}
@@ -43,6 +52,54 @@ def param_groups(
     return [groups[k] for k in sorted(groups)]
 
 
+class LARS(torch.optim.Optimizer):
+    """LARS as the official linear probe runs it (facebookresearch/mae `util/lars.py`, from MoCo v3):
+    for tensors of more than one dimension the gradient gets the weight decay and is rescaled by the
+    trust ratio `trust_coefficient * |w| / |g|`; 1-D tensors (biases, norms) get neither; then SGD
+    momentum without dampening."""
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ):
+        super().__init__(
+            params,
+            dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient),
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    trust = torch.where(
+                        (w_norm > 0) & (d_norm > 0), group["trust_coefficient"] * w_norm / d_norm, 1.0
+                    )
+                    d = d * trust
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                state["mu"].mul_(group["momentum"]).add_(d)
+                p.add_(state["mu"], alpha=-group["lr"])
+        return loss
+
+
+OPTIMIZERS = ("adamw", "sgd", "lars")
+
+
 def build_optimizer(
     groups: list[dict],
     name: str,
@@ -51,13 +108,15 @@ def build_optimizer(
     momentum: float = 0.9,
     fused: bool = False,
 ) -> torch.optim.Optimizer:
-    """AdamW (fused kernels on CUDA) or SGD with momentum. `names` entries stay in the groups for
-    inspection; the optimisers ignore unknown group keys."""
+    """AdamW (fused kernels on CUDA), SGD with momentum, or LARS (the official linear probe's). `names`
+    entries stay in the groups for inspection; the optimisers ignore unknown group keys."""
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    raise ValueError(f"optimizer must be adamw or sgd, got {name!r}")
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
 class EMA:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from supmae_serve.model.checkpoint import CARD_NAME, WEIGHTS_NAME
+from supmae_serve.model.checkpoint import CARD_NAME, WEIGHTS_NAME, import_hint
 
 from .base import Backend, BackendError
 from .graph import ENGINE_FORMAT, MANIFEST_NAME, ONNX_FORMATS, read_manifest
@@ -62,6 +62,9 @@ def check_model_path(path: Path) -> None:
             f"model path {path} does not exist{hint}; expected a checkpoint folder ({WEIGHTS_NAME} + {CARD_NAME}) "
             f"or a supmae-export folder ({MANIFEST_NAME} + {CARD_NAME})"
         )
+    hint = import_hint(path)
+    if hint:
+        raise ModelNotFoundError(hint)
     card = (
         path / CARD_NAME if path.is_dir() else (path if path.suffix == ".json" else path.with_name(CARD_NAME))
     )

@@ -4,7 +4,6 @@ from .checkpoint import (
     CheckpointError,
     ModelCard,
     Preprocessing,
-    import_official,
     load_checkpoint,
     load_model_card,
     save_checkpoint,
@@ -12,6 +11,7 @@ from .checkpoint import (
     timm_model_args,
     timm_state_dict,
 )
+from .official import imagenet_class_names, import_official
 from .supmae import FRAMEWORKS, Features, ModelConfig, Reconstruction, SupMAE, SupMAEOutput, count_parameters
 from .variants import VARIANTS, create_model, model_config
 
@@ -28,6 +28,7 @@ __all__ = [
     "SupMAEOutput",
     "count_parameters",
     "create_model",
+    "imagenet_class_names",
     "import_official",
     "load_checkpoint",
     "load_model_card",

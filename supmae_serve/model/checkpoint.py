@@ -1,8 +1,8 @@
 """The checkpoint contract: `model.safetensors` + `model.json` (the model card).
 
 Every consumer (evaluation, export, every serving backend, the demo) reads a checkpoint through
-`load_checkpoint`. Loading never unpickles arbitrary objects: weights come from safetensors, and the
-official `.pth` releases are read only with `torch.load(weights_only=True)`.
+`load_checkpoint`. Loading never unpickles: weights come from safetensors. Official `.pth` releases and
+Hugging Face folders become checkpoints once, through `supmae-import` (`official.py`, `hf.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ CARD_NAME = "model.json"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+UNTRAINED_PARTS = ("decoder", "head", "norm")
 
 
 class CheckpointError(ValueError):
@@ -75,7 +78,15 @@ class ModelCard:
     created: str = ""
     dtype: str = "float32"
     format_version: int = FORMAT_VERSION
+    # parts that hold fresh, never-trained weights (an import of a file without them): a model whose
+    # decoder or head is untrained does not offer reconstruct or classify
+    untrained: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.untrained) - set(UNTRAINED_PARTS))
+        if bad:
+            raise CheckpointError(f"untrained parts {bad} are not among {list(UNTRAINED_PARTS)}")
 
     @property
     def framework(self) -> str:
@@ -83,7 +94,11 @@ class ModelCard:
 
     @property
     def capabilities(self) -> dict[str, bool]:
-        return {"embed": True, "classify": self.config.has_head, "reconstruct": self.config.has_decoder}
+        return {
+            "embed": True,
+            "classify": self.config.has_head and "head" not in self.untrained,
+            "reconstruct": self.config.has_decoder and "decoder" not in self.untrained,
+        }
 
     def to_dict(self) -> dict:
         d = {
@@ -100,6 +115,8 @@ class ModelCard:
             "created": self.created,
             "dtype": self.dtype,
         }
+        if self.untrained:
+            d["untrained"] = list(self.untrained)
         d.update(self.extra)
         return d
 
@@ -131,16 +148,19 @@ class ModelCard:
             raise CheckpointError(
                 f"{source}: {len(class_names)} class names for a head with {config.num_classes} classes"
             )
-        known = {"variant", "training", "metrics", "software", "created", "dtype"}
+        known = {"variant", "training", "metrics", "software", "created", "dtype", "untrained"}
         kwargs = {k: d.pop(k) for k in list(d) if k in known}
-        return cls(
-            config=config,
-            class_names=class_names,
-            preprocessing=prep,
-            format_version=version,
-            extra=d,
-            **kwargs,
-        )
+        try:
+            return cls(
+                config=config,
+                class_names=class_names,
+                preprocessing=prep,
+                format_version=version,
+                extra=d,
+                **kwargs,
+            )
+        except CheckpointError as e:
+            raise CheckpointError(f"{source}: {e}") from e
 
 
 def software_versions() -> dict[str, str]:
@@ -209,12 +229,32 @@ def save_checkpoint(
     return card
 
 
+def import_hint(path: str | os.PathLike) -> str | None:
+    """The one-line fix for a path that is not a checkpoint but can become one: an official `.pth` or
+    a Hugging Face folder converts once with `supmae-import` (README "Use the released checkpoints")."""
+    p = Path(path)
+    if p.is_file() and p.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        return (
+            f"{p} is a PyTorch pickle, not a checkpoint folder: convert an official SupMAE/MAE file once with "
+            f"`supmae-import {p} --out DIR` and pass DIR (for a supmae-train run, pass its final/ folder)"
+        )
+    if p.is_dir() and not (p / CARD_NAME).exists() and (p / "config.json").exists():
+        return (
+            f"{p} looks like a Hugging Face model folder, not a checkpoint folder: convert it once with "
+            f"`supmae-import {p} --out DIR` and pass DIR"
+        )
+    return None
+
+
 def _resolve(path: str | os.PathLike) -> tuple[Path, Path]:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(
             f"{p}: checkpoint not found (expected a folder with {WEIGHTS_NAME} and {CARD_NAME})"
         )
+    hint = import_hint(p)
+    if hint:
+        raise CheckpointError(hint)
     if p.is_dir():
         return p / WEIGHTS_NAME, p / CARD_NAME
     if p.suffix == ".safetensors":
@@ -295,75 +335,12 @@ def load_checkpoint(
     return model, card
 
 
-# ---------------------------------------------------------------------------- official checkpoints
-_ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "fc_norm.")
-
-
-def convert_official_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map the official SupMAE/MAE pretraining layout onto ours.
-
-    Official: encoder tensors at the top level (`blocks.0...`, `norm.weight`), decoder as ours, and the
-    classification head as `cls_head.*` in the code but `projection_head.*` in the released checkpoint.
-    """
-    if "model" in state and isinstance(state["model"], Mapping):
-        state = state["model"]
-    out = {}
-    for k, v in state.items():
-        k = k.removeprefix("module.")
-        if k.startswith("projection_head."):
-            k = "cls_head." + k.removeprefix("projection_head.")
-        if k.startswith(_ENCODER_PREFIXES):
-            k = "encoder." + k
-        out[k] = v
-    return out
-
-
-def import_official(
-    source: str | os.PathLike | Mapping[str, torch.Tensor],
-    variant: str = "base_patch16_224",
-    **overrides,
-) -> SupMAE:
-    """Build our model from an official SupMAE/MAE pretraining checkpoint (.pth or state dict).
-
-    The framework is inferred (a classification head present -> supmae, else mae) unless given, and the
-    head's width and class count come from the weights."""
-    if isinstance(source, Mapping):
-        raw = source
-    else:
-        try:
-            raw = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any failure here means "not a loadable checkpoint"
-            raise CheckpointError(f"{source}: cannot read as a weights-only PyTorch checkpoint ({e})") from e
-    state = convert_official_state_dict(raw)
-    has_head = any(k.startswith("cls_head.") for k in state)
-    cfg = {"framework": "supmae" if has_head else "mae"}
-    if has_head:
-        if (
-            "cls_head.0.weight" in state
-            and state["cls_head.0.weight"].ndim == 2
-            and "cls_head.3.weight" in state
-        ):
-            cfg["cls_hidden_dim"] = state["cls_head.0.weight"].shape[0]
-            cfg["num_classes"] = state["cls_head.3.weight"].shape[0]
-        elif "cls_head.weight" in state:
-            cfg["cls_hidden_dim"] = 0
-            cfg["num_classes"] = state["cls_head.weight"].shape[0]
-    if "decoder_blocks.0.norm1.weight" in state:
-        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("decoder_blocks."))
-        cfg["decoder_depth"] = depth
-        cfg["decoder_embed_dim"] = state["decoder_embed.weight"].shape[0]
-    cfg.update(overrides)
-    from .variants import model_config
-
-    model = SupMAE(model_config(variant, **cfg))
-    check_state_dict(model, state, str(source) if not isinstance(source, Mapping) else "state dict")
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
 # ---------------------------------------------------------------------------- timm interop
-def timm_model_args(config: ModelConfig, variant: str | None = None) -> tuple[str, dict]:
-    """(timm architecture name, kwargs) that build a timm VisionTransformer shaped like our encoder."""
+def timm_model_args(
+    config: ModelConfig, variant: str | None = None, file: str | os.PathLike | None = None
+) -> tuple[str, dict]:
+    """(timm architecture name, kwargs) that build a timm VisionTransformer shaped like our encoder;
+    with `file` (a `save_timm` file) the kwargs also load it: `timm.create_model(name, **kwargs)`."""
     size = size_of(variant) if variant and variant in VARIANTS else None
     name = TIMM_NAMES.get(size or "", "vit_base_patch16_224")
     kwargs = dict(
@@ -374,9 +351,14 @@ def timm_model_args(config: ModelConfig, variant: str | None = None) -> tuple[st
         num_heads=config.num_heads,
         mlp_ratio=config.mlp_ratio,
         num_classes=config.num_classes if config.framework == "finetuned" else 0,
-        global_pool="avg" if config.cls_pool == "avg" or config.framework == "finetuned" else "token",
-        fc_norm=config.framework == "finetuned",
+        global_pool="avg" if config.cls_pool == "avg" else "token",
+        fc_norm=config.framework == "finetuned" and config.cls_pool == "avg",
     )
+    if file is not None:
+        # timm drops a classifier whose class count differs from the named architecture's pretrained
+        # config (1000): giving it the count keeps a fine-tuned head
+        overlay = dict(file=str(file), num_classes=kwargs["num_classes"])
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
     return name, kwargs
 
 
@@ -389,9 +371,8 @@ def timm_state_dict(model: SupMAE) -> dict[str, torch.Tensor]:
 
 
 def save_timm(model: SupMAE, path: str | os.PathLike) -> Path:
-    """Write the encoder as a timm-loadable safetensors file:
-    `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)`
-    with (name, kwargs) from `timm_model_args`."""
+    """Write the encoder (and a fine-tuned head) as a timm-loadable safetensors file:
+    `timm.create_model(name, **kwargs)` with `name, kwargs = timm_model_args(config, variant, file=path)`."""
     p = Path(path)
     state = {k: v.contiguous() for k, v in timm_state_dict(model).items()}
     _atomic_write(p, lambda tmp: save_file(state, tmp))

@@ -1,4 +1,5 @@
-"""Pure tensor helpers: patchify/unpatchify, per-sample random masking, sin-cos position tables.
+"""Pure tensor helpers: patchify/unpatchify, per-sample random masking, SimMIM block masking, sin-cos
+position tables and their interpolation to another grid.
 
 Conventions follow the official MAE/SupMAE code (facebookresearch/mae `models_mae.py`):
 patches are flattened as (p, q, c) and the mask is 0 for a kept (visible) patch, 1 for a removed one.
@@ -6,8 +7,11 @@ patches are flattened as (p, q, c) and the mask is 0 for a kept (visible) patch,
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -46,6 +50,14 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * (1 - mask_ratio))
 
 
+def _noise(batch, n, device, generator, noise) -> torch.Tensor:
+    """The given masking noise on `device`, or (N, n) uniform noise drawn on the generator's device."""
+    if noise is None:
+        gen_device = generator.device if generator is not None else device
+        noise = torch.rand(batch, n, device=gen_device, generator=generator)
+    return noise.to(device) if device is not None else noise
+
+
 def random_masking(
     batch: int,
     num_patches: int,
@@ -61,10 +73,7 @@ def random_masking(
     With `generator` the noise is drawn on the generator's device, then moved (deterministic per seed).
     """
     keep = num_visible(num_patches, mask_ratio)
-    if noise is None:
-        gen_device = generator.device if generator is not None else device
-        noise = torch.rand(batch, num_patches, device=gen_device, generator=generator)
-    noise = noise.to(device) if device is not None else noise
+    noise = _noise(batch, num_patches, device, generator, noise)
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]  # (N, K)
@@ -80,6 +89,47 @@ def seeded_keep_indices(num_patches: int, mask_ratio: float, seeds: list[int]) -
         [torch.rand(num_patches, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     )
     return random_masking(len(seeds), num_patches, mask_ratio, noise=noise)[0]
+
+
+def block_mask_count(grid: int, block: int, mask_ratio: float) -> tuple[int, int]:
+    """(mask blocks masked, mask blocks in all) of SimMIM's MaskGenerator on a `grid` x `grid` patch grid
+    cut into `block` x `block`-patch mask blocks: ceil(blocks * ratio) of them are masked."""
+    if block < 1 or grid % block:
+        raise ValueError(f"a {grid}x{grid} patch grid cannot be cut into {block}x{block}-patch mask blocks")
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    blocks = (grid // block) ** 2
+    return math.ceil(blocks * mask_ratio), blocks
+
+
+def block_masking(
+    batch: int,
+    grid: int,
+    block: int,
+    mask_ratio: float,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SimMIM's block masking (microsoft/SimMIM `data_simmim.py` MaskGenerator): the patch grid is cut
+    into square mask blocks of `block` x `block` patches (32-px mask patches over the model's patches),
+    ceil(blocks * ratio) random blocks are masked, and every patch of a masked block is masked.
+
+    `noise` (N, >= blocks) fixes the draw: the blocks with the smallest noise values are masked (its first
+    `blocks` columns are used, so the trainer's (N, L) masking noise serves here too).
+    Returns ids_keep (N, K) in ascending patch order and mask (N, L) with 0 = keep / 1 = remove."""
+    count, blocks = block_mask_count(grid, block, mask_ratio)
+    noise = _noise(batch, blocks, device, generator, noise)[:, :blocks]
+    if noise.shape != (batch, blocks):
+        raise ValueError(
+            f"block masking needs noise of shape ({batch}, >= {blocks}), got {tuple(noise.shape)}"
+        )
+    rank = noise.argsort(dim=1).argsort(dim=1)  # (N, blocks): 0 for the smallest noise
+    coarse = (rank < count).float().view(batch, grid // block, grid // block)
+    mask = coarse.repeat_interleave(block, 1).repeat_interleave(block, 2).reshape(batch, grid * grid)
+    keep = grid * grid - count * block * block
+    ids_keep = torch.argsort(mask, dim=1, stable=True)[:, :keep]  # (N, K): the kept patches, in order
+    return ids_keep, mask
 
 
 def mask_from_keep(ids_keep: torch.Tensor, num_patches: int) -> torch.Tensor:
@@ -125,3 +175,21 @@ def sincos_pos_embed_2d(
     if cls_token:
         emb = np.concatenate([np.zeros((1, embed_dim)), emb], axis=0)
     return emb.astype(np.float32)
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int, extra_tokens: int = 1) -> torch.Tensor:
+    """A (1, extra + g*g, D) position table resized to (1, extra + grid*grid, D): the extra (cls) rows
+    are kept, the patch rows are resized bicubically as a g x g image (facebookresearch/mae
+    `util/pos_embed.py` interpolate_pos_embed, from DeiT). Used to serve or fine-tune a 224-px checkpoint
+    at another resolution."""
+    n, length, dim = pos_embed.shape
+    old = int(round((length - extra_tokens) ** 0.5))
+    if old * old != length - extra_tokens:
+        raise ValueError(f"a position table of {length - extra_tokens} patch rows is not a square grid")
+    if old == grid:
+        return pos_embed
+    extra, tokens = pos_embed[:, :extra_tokens], pos_embed[:, extra_tokens:]
+    tokens = tokens.reshape(n, old, old, dim).permute(0, 3, 1, 2)  # (1, D, g, g)
+    tokens = F.interpolate(tokens.float(), size=(grid, grid), mode="bicubic", align_corners=False)
+    tokens = tokens.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)  # (1, grid*grid, D)
+    return torch.cat([extra, tokens], dim=1)

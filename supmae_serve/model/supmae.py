@@ -11,10 +11,13 @@ The encoder is a timm `VisionTransformer`, so `model.encoder.state_dict()` loads
 
 - ``supmae``:     masking, MAE decoder, classification branch on the visible tokens (the paper).
 - ``mae``:        masking and decoder, no classification branch.
-- ``simmim``:     SimMIM with the same supervised branch: mask tokens replace the masked patches
-                  inside the encoder, a linear head predicts raw pixels, L1 loss on masked patches.
+- ``simmim``:     SimMIM with the same supervised branch: SimMIM's block masks (32-px mask patches),
+                  mask tokens replace the masked patches inside the encoder, a linear head predicts raw
+                  pixels, L1 loss on masked patches.
 - ``supervised``: no masking, no decoder: the naive supervised ViT baseline.
-- ``finetuned``:  what fine-tuning produces: global pool + fc_norm (no final norm) + linear head.
+- ``finetuned``:  what fine-tuning produces (MAE's `models_vit.py`): global pool + fc_norm (no final
+                  norm) + linear head, or with ``cls_pool="cls"`` the cls token after the final norm;
+                  the position table is trained, as in timm's VisionTransformer.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .masking import (
+    block_mask_count,
+    block_masking,
     gather_tokens,
     mask_from_keep,
     num_visible,
@@ -65,6 +70,7 @@ class ModelConfig:
     decoder_depth: int = 1
     decoder_num_heads: int = 16
     mask_ratio: float = 0.75
+    mask_patch_size: int = 32  # simmim: side of SimMIM's square mask blocks in pixels (MaskGenerator)
     norm_pix_loss: bool = True
     # classification branch: Linear(D->hidden) -> BN -> ReLU -> Linear(hidden->classes); hidden 0 = linear
     num_classes: int = 1000
@@ -73,6 +79,7 @@ class ModelConfig:
     cls_loss_ratio: float = 0.01  # official default
     cls_temperature: float = 10.0  # official default: CE(logits / 10, y)
     label_smoothing: float = 0.0
+    norm_eps: float = 1e-6  # every LayerNorm's eps (official: 1e-6; Hugging Face ViTMAE configs: 1e-12)
 
     def __post_init__(self) -> None:
         if self.framework not in FRAMEWORKS:
@@ -84,10 +91,28 @@ class ModelConfig:
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         num_visible(self.num_patches, self.mask_ratio)  # validates the ratio
+        if self.framework == "simmim":
+            if self.mask_patch_size % self.patch_size or self.img_size % self.mask_patch_size:
+                raise ValueError(
+                    f"mask_patch_size {self.mask_patch_size} must be a multiple of patch_size {self.patch_size} "
+                    f"and divide img_size {self.img_size}"
+                )
+            count, blocks = block_mask_count(
+                self.grid, self.mask_patch_size // self.patch_size, self.mask_ratio
+            )
+            if count >= blocks:
+                raise ValueError(
+                    f"SimMIM block masking with {self.mask_patch_size}-px mask patches on {self.img_size}-px "
+                    f"images masks all {blocks} blocks at mask_ratio {self.mask_ratio}; lower mask_patch_size"
+                )
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
 
     @property
     def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
+        return self.grid**2
 
     @property
     def has_decoder(self) -> bool:
@@ -134,8 +159,8 @@ class Reconstruction(NamedTuple):
     mask: torch.Tensor  # (N, L) 0 keep / 1 remove
 
 
-def _norm_layer():
-    return partial(nn.LayerNorm, eps=1e-6)
+def _norm_layer(eps: float):
+    return partial(nn.LayerNorm, eps=eps)
 
 
 class SupMAE(nn.Module):
@@ -154,12 +179,14 @@ class SupMAE(nn.Module):
             mlp_ratio=c.mlp_ratio,
             qkv_bias=True,
             class_token=True,
-            # fine-tuned models follow MAE's fine-tuning: no final norm, LayerNorm after pooling
-            fc_norm=c.framework == "finetuned",
+            # fine-tuned models follow MAE's fine-tuning: with global pooling no final norm but a
+            # LayerNorm after pooling; with the cls token the final norm (models_vit.py)
+            fc_norm=c.framework == "finetuned" and c.cls_pool == "avg",
             drop_path_rate=c.drop_path_rate,
-            norm_layer=_norm_layer(),
+            norm_layer=_norm_layer(c.norm_eps),
         )
-        self.encoder.pos_embed.requires_grad_(False)  # fixed 2-D sin-cos, as in MAE
+        # pretraining keeps MAE's fixed 2-D sin-cos table; fine-tuning trains it (timm's ViT in main_finetune.py)
+        self.encoder.pos_embed.requires_grad_(c.framework == "finetuned")
         patch_dim = c.patch_size**2 * c.in_chans
 
         if c.framework in ("supmae", "mae"):
@@ -174,11 +201,11 @@ class SupMAE(nn.Module):
                     c.decoder_num_heads,
                     c.mlp_ratio,
                     qkv_bias=True,
-                    norm_layer=_norm_layer(),
+                    norm_layer=_norm_layer(c.norm_eps),
                 )
                 for _ in range(c.decoder_depth)
             )
-            self.decoder_norm = _norm_layer()(c.decoder_embed_dim)
+            self.decoder_norm = _norm_layer(c.norm_eps)(c.decoder_embed_dim)
             self.decoder_pred = nn.Linear(c.decoder_embed_dim, patch_dim)
         elif c.framework == "simmim":
             # SimMIM: a mask token in the encoder's width, a linear pixel head on every patch token
@@ -201,7 +228,7 @@ class SupMAE(nn.Module):
     def initialize_weights(self) -> None:
         """MAE's initialisation: sin-cos tables, xavier-uniform linears and patch projection."""
         c = self.config
-        grid = c.img_size // c.patch_size
+        grid = c.grid
         pos = torch.from_numpy(sincos_pos_embed_2d(c.embed_dim, grid, cls_token=True))
         self.encoder.pos_embed.data.copy_(pos.unsqueeze(0))
         if hasattr(self, "decoder_pos_embed"):
@@ -306,6 +333,18 @@ class SupMAE(nn.Module):
         return F.cross_entropy(logits.float() / t, labels, label_smoothing=self.config.label_smoothing)
 
     # ------------------------------------------------------------------ training forward
+    def draw_mask(
+        self, batch: int, mask_ratio: float, device: torch.device, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training mask: per-patch random (MAE, SupMAE) or SimMIM's block mask, drawn from `noise`
+        (N, L) when given. -> ids_keep (N, K), mask (N, L) with 1 = removed."""
+        c = self.config
+        if c.framework == "simmim":
+            block = c.mask_patch_size // c.patch_size
+            return block_masking(batch, c.grid, block, mask_ratio, device, noise=noise)
+        ids_keep, mask, _ = random_masking(batch, self.num_patches, mask_ratio, device, noise=noise)
+        return ids_keep, mask
+
     def forward(
         self,
         imgs: torch.Tensor,
@@ -324,7 +363,7 @@ class SupMAE(nn.Module):
             return SupMAEOutput(loss_cls, None, loss_cls, logits, None, None)
 
         ratio = c.mask_ratio if mask_ratio is None else mask_ratio
-        ids_keep, mask, _ = random_masking(imgs.shape[0], self.num_patches, ratio, imgs.device, noise=noise)
+        ids_keep, mask = self.draw_mask(imgs.shape[0], ratio, imgs.device, noise)
         latent = self.forward_encoder(imgs, ids_keep, mask)
         pred = self.forward_decoder(latent, ids_keep)
         loss_rec = self.forward_loss(imgs, pred, mask)

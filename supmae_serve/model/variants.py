@@ -39,12 +39,14 @@ TIMM_NAMES = {
     "micro": "vit_tiny_patch16_224",
 }
 
-_PATCHINGS = {  # (patch_size, img_size)
-    "patch4_32": (4, 32),
-    "patch2_32": (2, 32),
-    "patch16_224": (16, 224),
-    "patch14_224": (14, 224),
-    "patch8_64": (8, 64),
+_PATCHINGS = {  # (patch_size, img_size, SimMIM mask_patch_size)
+    # SimMIM masks 32-px blocks at 192-224 px (MaskGenerator); 32 px is a whole CIFAR image, so small
+    # images use 8-px blocks (16 per image) and 64-px images 16-px blocks; 28 px = 2 x 2 patches of 14
+    "patch4_32": (4, 32, 8),
+    "patch2_32": (2, 32, 8),
+    "patch16_224": (16, 224, 32),
+    "patch14_224": (14, 224, 28),
+    "patch8_64": (8, 64, 16),
 }
 
 
@@ -52,10 +54,11 @@ def _build_table() -> dict[str, dict]:
     table = {}
     for size, (dim, depth, heads) in _SIZES.items():
         ddim, ddepth, dheads = _DECODERS[size]
-        for suffix, (patch, img) in _PATCHINGS.items():
+        for suffix, (patch, img, mask_patch) in _PATCHINGS.items():
             table[f"{size}_{suffix}"] = dict(
                 img_size=img,
                 patch_size=patch,
+                mask_patch_size=mask_patch,
                 embed_dim=dim,
                 depth=depth,
                 num_heads=heads,
@@ -72,6 +75,33 @@ VARIANTS: dict[str, dict] = _build_table()
 
 def size_of(variant: str) -> str:
     return variant.split("_", 1)[0]
+
+
+def size_defaults(embed_dim: int, depth: int) -> dict:
+    """What the weights of an imported encoder cannot say, from the table size of that width and depth:
+    its attention heads, decoder and head width ({} when no size matches)."""
+    for size, (dim, d, heads) in _SIZES.items():
+        if (dim, d) == (embed_dim, depth):
+            ddim, ddepth, dheads = _DECODERS[size]
+            return dict(
+                num_heads=heads,
+                decoder_embed_dim=ddim,
+                decoder_depth=ddepth,
+                decoder_num_heads=dheads,
+                cls_hidden_dim=4 * dim,
+            )
+    return {}
+
+
+def decoder_heads(decoder_embed_dim: int) -> int | None:
+    """Attention heads of a decoder of this width in the table (512-d: 16, every official decoder)."""
+    return next((h for d, _, h in _DECODERS.values() if d == decoder_embed_dim), None)
+
+
+def find_variant(config: ModelConfig) -> str | None:
+    """The table name whose shape the config has (None for shapes outside the table)."""
+    keys = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+    return next((n for n, v in VARIANTS.items() if all(v[k] == getattr(config, k) for k in keys)), None)
 
 
 def model_config(name: str, **overrides) -> ModelConfig:
