@@ -473,7 +473,7 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> tuple[SupMAE, str | None
         )
     else:
         model, variant = linprobe_model(cfg.checkpoint, num_classes, pool=cfg.pool, img_size=cfg.img_size)
-    return model, variant or cfg.variant, {"init_checkpoint": card_path(cfg.checkpoint)}
+    return model, variant, {"init_checkpoint": card_path(cfg.checkpoint)}
 
 
 def train(
