@@ -26,7 +26,15 @@ from PIL import Image
 
 from supmae_serve.backends.base import Backend, class_labels, top_k
 from supmae_serve.model.masking import num_visible
-from supmae_serve.preprocess import ImageError, ImageLimits, batch, decode_image, to_pil
+from supmae_serve.preprocess import (
+    FORMATS_TEXT,
+    ImageError,
+    ImageLimits,
+    batch,
+    decode_image,
+    resize_side,
+    to_pil,
+)
 
 INSTALL_HINT = "pip install 'supmae[demo]'"
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -97,7 +105,7 @@ class DemoService:
                         f"image is {size} bytes; the limit is {limits.max_bytes} bytes per image", 413
                     )
                 data = path.read_bytes()
-            img = decode_image(data, limits)
+            img = decode_image(data, limits, resize_side(self.prep))
         except ImageError as e:
             raise _user_error(str(e)) from e
         return batch([img], self.prep)  # (1, 3, S, S)
@@ -231,9 +239,7 @@ def _guard_image_input(component) -> None:
         except Image.DecompressionBombError as e:
             raise _user_error(f"The upload is too large to decode: {e}") from e
         except Exception as e:  # noqa: BLE001 - any failure to open the upload is the user's input
-            raise _user_error(
-                "The upload is not a recognised image (supported: JPEG, PNG, WebP, GIF, BMP, TIFF)."
-            ) from e
+            raise _user_error(f"The upload is not a recognised image (supported: {FORMATS_TEXT}).") from e
 
     component.preprocess = preprocess
 

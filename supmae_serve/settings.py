@@ -16,6 +16,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # The bundled default model: a ViT-T/4 SupMAE trained on CIFAR-10, stored as fp16 (model.json + model.safetensors).
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "cifar10_vit_tiny"
 
+# 4096 x 4096: ten times the side of the largest model input (384 px) and more than a 12 MP photo; decoding
+# such an image peaks at about 4 bytes per pixel (64 MiB), see docs/deployment.md "Security"
+DEFAULT_MAX_PIXELS = 4096 * 4096
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "fake")
 CommaList = Annotated[list[str], NoDecode]
 
@@ -68,7 +71,9 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=64, description="encoded size limit per image -> 413")
     max_images_per_request: int = Field(64, ge=1, description="images in one request at most -> 413")
     max_pixels: int = Field(
-        40_000_000, ge=64, description="width x height limit (decompression bombs) -> 413"
+        DEFAULT_MAX_PIXELS,
+        ge=64,
+        description="width x height limit, checked from the header before decoding (decompression bombs) -> 413",
     )
     min_side: int = Field(8, ge=1, description="smallest allowed image side -> 422")
     max_upscale: int = Field(8, ge=1, le=64, description="largest reconstruct `upscale` factor")

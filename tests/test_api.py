@@ -371,6 +371,16 @@ def test_request_limits(client):
     good_request(client)
 
 
+def test_too_many_pixels_always_names_the_size(client):
+    """Issue 14: past Pillow's own bomb check (30000 x 30000) the message lacked the size; it is the same
+    message whichever check refuses the image."""
+    for w, h in ((30000, 30000), (2100, 2000)):
+        r = client.post("/v1/classify", content=_png_claiming(w, h), headers={"content-type": "image/png"})
+        err = r.json()["data"][0]["error"]
+        assert (r.status_code, err["code"]) == (413, "too_many_pixels")
+        assert err["message"] == f"image is {w}x{h} = {w * h} pixels; the limit is 4000000 pixels"
+
+
 @pytest.mark.parametrize(
     "kwargs,status,code",
     [

@@ -29,7 +29,7 @@ from supmae_serve.backends.base import (
 )
 from supmae_serve.batching import ItemResult, MicroBatcher
 from supmae_serve.model import ModelCard
-from supmae_serve.preprocess import ImageError, decode_image, to_tensor
+from supmae_serve.preprocess import ImageError, decode_image, resize_side, to_tensor
 from supmae_serve.settings import Settings
 
 from .fetch import FetchPolicy, fetch_url
@@ -200,7 +200,8 @@ class InferenceService:
                 x = decode_jpeg_gpu(data, self.limits, self.card.preprocessing, self.gpu_decode_device)
                 if x is not None:
                     return x
-            return to_tensor(decode_image(data, self.limits), self.card.preprocessing)
+            prep = self.card.preprocessing
+            return to_tensor(decode_image(data, self.limits, resize_side(prep)), prep)
         except ImageError as e:
             return e
         except Exception as e:  # noqa: BLE001 - a bad input must fail its item, never the request
