@@ -109,6 +109,15 @@ def bad_corpus() -> list[tuple[str, bytes, str, int, str | None]]:
         ("wrong-content-type", png, "text/plain", 415, "unsupported_media_type"),
         ("mislabelled-type", png, "image/jpeg", 200, None),  # decoded by content, not by label
         ("octet-stream", png, "application/octet-stream", 200, None),
+        # issue 11: these raised RecursionError and ValueError in json.loads -> 500 and a 13 KB traceback
+        ("deeply-nested-json", b"[" * 14_000, "application/json", 422, "invalid_json"),
+        (
+            "5000-digit-integer",
+            b'{"images": [], "top_k": ' + b"9" * 5000 + b"}",
+            "application/json",
+            422,
+            "invalid_json",
+        ),
     ]
 
 
@@ -369,6 +378,53 @@ def test_request_limits(client):
     r = client.post("/v1/embed", content=many_pixels, headers={"content-type": "image/png"})
     assert r.status_code == 413 and "limit is 4000000 pixels" in r.json()["data"][0]["error"]["message"]
     good_request(client)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "!!!notb64",
+        "@@@@",
+        "a",
+        "abcde",
+        "QUJD+-",
+        "QU=JD",
+        "QUJD!",
+        "data:image/png;base64,@@@@",
+        "====",
+        "QQ===",
+    ],
+)
+def test_invalid_base64_is_invalid_base64_whatever_its_length(client, text):
+    """Issue 14: the URL-safe fallback dropped invalid characters, so '!!!notb64' became bytes (415) and
+    '@@@@' nothing (422 empty_image)."""
+    r = client.post("/v1/embed", json={"images": [text]})
+    err = r.json()["data"][0]["error"]
+    assert (r.status_code, err["code"]) == (422, "invalid_base64"), r.text
+    assert "not valid base64" in err["message"]
+
+
+def test_base64_in_either_alphabet_with_or_without_padding(client):
+    png = PNG + b"\xfb\xff\xfe" * 3  # bytes after IEND are ignored by decoders; they force + / - _ characters
+    standard, urlsafe = base64.b64encode(png).decode(), base64.urlsafe_b64encode(png).decode()
+    assert standard != urlsafe
+    expect = client.post("/v1/embed", content=png, headers={"content-type": "image/png"}).json()["data"][0]
+    for text in (standard, urlsafe, standard.rstrip("="), urlsafe.rstrip("=")):
+        r = client.post("/v1/embed", json={"images": [text]})
+        assert r.status_code == 200, r.text
+        assert r.json()["data"][0]["embedding"] == expect["embedding"]
+
+
+def test_client_errors_are_4xx_without_a_logged_traceback(client, caplog):
+    with caplog.at_level(logging.WARNING):
+        for _, data, ctype, status, _ in CORPUS[-2:]:
+            r = client.post("/v1/classify", content=data, headers={"content-type": ctype})
+            assert r.status_code == status, r.text
+        r = client.post(
+            "/v1/classify?top_k=" + "9" * 5000, content=PNG, headers={"content-type": "image/png"}
+        )
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_option"
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING], caplog.text
 
 
 def test_too_many_pixels_always_names_the_size(client):
