@@ -26,7 +26,10 @@ CommaList = Annotated[list[str], NoDecode]
 class Settings(BaseSettings):
     """Every knob of `supmae-serve`. Environment: `SUPMAE_<NAME>`; command line: `--<name-with-dashes>`."""
 
-    model_config = SettingsConfigDict(env_prefix="SUPMAE_", extra="ignore", validate_default=True)
+    # hide_input_in_errors: a validation error must never print the API keys it was given
+    model_config = SettingsConfigDict(
+        env_prefix="SUPMAE_", extra="ignore", validate_default=True, hide_input_in_errors=True
+    )
 
     # --- model and backend
     model: Path = Field(
@@ -115,6 +118,19 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, keys: list[str]) -> list[str]:
+        # an HTTP header carries only visible ASCII: any other character makes a key that can never match
+        for i, key in enumerate(keys, 1):
+            if not all("!" <= c <= "~" for c in key):
+                raise ValueError(
+                    f"API key {i} of {len(keys)} has a character that is not visible ASCII (non-ASCII, a space "
+                    "or a control character), so no Authorization header can carry it; use letters, digits "
+                    "and punctuation, e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                )
+        return keys
 
     @field_validator("device")
     @classmethod

@@ -644,6 +644,30 @@ def test_api_keys(ckpt):
         assert info["auth"] is True and "key-one" not in json.dumps(info)
 
 
+def test_api_key_is_compared_with_every_key(ckpt, monkeypatch):
+    """Issue 11: any() stopped at the first matching key, so the time taken told which key matched."""
+    import hmac
+
+    compared = []
+    real = hmac.compare_digest
+
+    def counting(a, b):
+        compared.append(len(b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    with TestClient(create_app(settings(ckpt, api_keys="first-key,second,the-third-key"))) as c:
+        for token, status in (("first-key", 200), ("nope", 401), ("the-third-key", 200)):
+            compared.clear()
+            r = c.post(
+                "/v1/embed",
+                content=PNG,
+                headers={"content-type": "image/png", "authorization": f"Bearer {token}"},
+            )
+            assert r.status_code == status
+            assert len(compared) == 3 and len(set(compared)) == 1  # every key, digests of one length
+
+
 def test_cors(ckpt):
     with TestClient(create_app(settings(ckpt, cors_origins="https://app.example"))) as c:
         pre = {"origin": "https://app.example", "access-control-request-method": "POST"}

@@ -298,6 +298,17 @@ def test_invalid_settings_and_missing_model_exit_2(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("keys", ["ok-key,clé-secrète", "has space", "tab\there"])
+def test_keys_no_header_can_carry_are_refused_at_start(keys, capsys):
+    """Issue 11: a key with a non-ASCII character could never match; say so at start-up, without the key."""
+    assert main(["--api-keys", keys, "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "not visible ASCII" in err and keys.split(",")[-1] not in err
+    with pytest.raises(ValueError, match="not visible ASCII") as e:
+        Settings(api_keys=keys)
+    assert keys.split(",")[-1] not in str(e.value)
+
+
 def test_check_loads_and_reports(tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path / "ck")
     assert main(["--model", str(ckpt), "--check", "--max-batch-size", "2"]) == 0

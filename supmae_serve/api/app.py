@@ -24,7 +24,7 @@ from supmae_serve.settings import Settings
 
 from .errors import install_error_handlers
 from .metrics import MetricsMiddleware
-from .routes import aliases, health, v1
+from .routes import ApiKeys, aliases, health, v1
 from .service import InferenceService
 
 log = logging.getLogger("supmae.api")
@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     )
     app.state.service = service
     app.state.settings = settings
+    app.state.api_keys = ApiKeys(settings.api_keys)
     install_error_handlers(app)
     app.include_router(health)
     app.include_router(v1)

@@ -10,6 +10,7 @@ image succeeded, otherwise the items' shared status (422 when they differ).
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import io
 from collections.abc import Callable
@@ -50,11 +51,29 @@ async def get_service(request: Request) -> InferenceService:
 Service = Annotated[InferenceService, Depends(get_service)]
 
 
+class ApiKeys:
+    """The configured Bearer keys, checked in constant time: the SHA-256 of the given token is compared with
+    that of every key, with no early exit, so timing tells neither which key matched nor how long keys are."""
+
+    def __init__(self, keys: list[str]):
+        self._digests = [hashlib.sha256(k.encode("ascii")).digest() for k in keys]  # ASCII: settings check
+
+    def __bool__(self) -> bool:
+        return bool(self._digests)
+
+    def valid(self, token: str) -> bool:
+        given = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        match = False
+        for digest in self._digests:
+            match |= hmac.compare_digest(given, digest)
+        return match
+
+
 async def require_api_key(request: Request) -> None:
     """Bearer API keys, when configured. One dependency without sub-dependencies: FastAPI resolves it on every
     request, and nested ones (HTTPBearer, the service) cost more than the check. The OpenAPI document declares
     the bearer scheme (`app.py`)."""
-    keys = request.app.state.service.settings.api_keys
+    keys: ApiKeys = request.app.state.api_keys
     if not keys:
         return
     challenge = {"WWW-Authenticate": "Bearer"}
@@ -66,8 +85,7 @@ async def require_api_key(request: Request) -> None:
             "this server needs an API key: send 'Authorization: Bearer <key>'",
             challenge,
         )
-    given = token.strip().encode()
-    if not any(hmac.compare_digest(given, k.encode()) for k in keys):  # constant time, every key
+    if not keys.valid(token.strip()):
         raise ApiError(401, "invalid_api_key", "the API key is not valid", challenge)
 
 
