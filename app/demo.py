@@ -35,6 +35,7 @@ from supmae_serve.preprocess import (
     resize_side,
     to_pil,
 )
+from supmae_serve.redact import redact_paths
 
 INSTALL_HINT = "pip install 'supmae[demo]'"
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -199,7 +200,7 @@ class DemoService:
                 "capabilities": info.capabilities,
                 **info.extra,
             },
-            "model_card": self.card.to_dict(),
+            "model_card": redact_paths(self.card.to_dict()),  # not the trainer's directory layout
         }
 
 

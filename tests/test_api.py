@@ -668,6 +668,39 @@ def test_api_key_is_compared_with_every_key(ckpt, monkeypatch):
             assert len(compared) == 3 and len(set(compared)) == 1  # every key, digests of one length
 
 
+def leaky_card():
+    """A model card that records the trainer's absolute paths (as cards written before issue 14 do)."""
+    card = fake_card(class_names=CLASSES)
+    card.training = {
+        "command": "supmae-train --data ../shared/data/c10 --out /home/alice/runs/c10 --set val_data=/mnt/nas/val",
+        "config": {
+            "data": "/mnt/nas/imagenet/train",
+            "url": "https://example.com/data/x.tar",
+            "rel": "data/x",
+        },
+        "data": [{"root": "C:\\Users\\alice\\data"}],
+    }
+    return card
+
+
+def test_served_card_redacts_absolute_paths():
+    """Issue 11: /v1/info showed the training command with the trainer's absolute output path."""
+    with TestClient(create_app(settings(), backend=FakeBackend(leaky_card()))) as c:
+        info = c.get("/v1/info").json()
+    text = json.dumps(info)
+    for secret in ("/home/alice", "/mnt/nas", "alice\\\\data", "Users"):
+        assert secret not in text, secret
+    training = info["model"]["training"]
+    assert training["command"] == (
+        "supmae-train --data ../shared/data/c10 --out [redacted]/c10 --set val_data=[redacted]/val"
+    )
+    assert training["config"] == {
+        "data": "[redacted]/train",
+        "url": "https://example.com/data/x.tar",
+        "rel": "data/x",
+    }
+
+
 def test_cors(ckpt):
     with TestClient(create_app(settings(ckpt, cors_origins="https://app.example"))) as c:
         pre = {"origin": "https://app.example", "access-control-request-method": "POST"}

@@ -222,6 +222,16 @@ def test_page_shows_every_view_a_full_supmae_model_can_serve(backend):
     assert examples and len(examples[0].samples) == len(example_images())
 
 
+def test_the_card_tab_redacts_absolute_paths():
+    from supmae_serve.backends.fake import FakeBackend
+
+    from .test_api import leaky_card
+
+    card = DemoService(FakeBackend(leaky_card())).card_json()["model_card"]
+    assert "/home/alice" not in str(card) and "/mnt/nas" not in str(card)
+    assert card["training"]["command"].endswith("--out [redacted]/c10 --set val_data=[redacted]/val")
+
+
 def test_views_the_model_cannot_serve_are_hidden_and_refused(checkpoints):
     mae = build_demo(load_backend(checkpoints["mae"]))  # no classification head
     assert not _component(mae, "top-classes").visible

@@ -28,6 +28,7 @@ from supmae_serve import __version__
 from supmae_serve.backends.base import CapabilityError, check_pooling
 from supmae_serve.batching import BatcherClosedError, QueueFullError, RequestTimeout
 from supmae_serve.preprocess import ImageError, to_pil
+from supmae_serve.redact import redact_paths
 
 from .errors import ApiError
 from .inputs import parse_request
@@ -340,7 +341,7 @@ async def info(service: Service) -> dict:
     backend = asdict(service.backend_info) if service.backend_info else None
     return {
         "version": __version__,
-        "model": service.card.to_dict(),
+        "model": redact_paths(service.card.to_dict()),  # not the trainer's directory layout
         "backend": backend,
         "device": backend["device"] if backend else None,
         "precision": backend["precision"] if backend else None,
