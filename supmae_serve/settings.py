@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(256, ge=1, description="images waiting at most; beyond it requests get 429")
     request_timeout_s: float = Field(
-        30.0, gt=0, description="per-request deadline (queue + inference) -> 504"
+        30.0, gt=0, description="per-request deadline (URL fetching, decoding, queue, inference) -> 504"
     )
     decode_threads: int = Field(4, ge=1, le=256, description="threads that decode images off the event loop")
     gpu_decode: bool = Field(True, description="decode JPEGs on the GPU (nvjpeg) when serving on CUDA")
@@ -96,7 +96,12 @@ class Settings(BaseSettings):
     url_fetch_allow_private: bool = Field(
         False, description="let URL fetching reach loopback/private/link-local addresses (off: blocked)"
     )
-    url_fetch_timeout_s: float = Field(5.0, gt=0, description="timeout of one URL fetch")
+    url_fetch_timeout_s: float = Field(
+        5.0, gt=0, description="deadline of one whole URL fetch (connecting, redirects, headers, body)"
+    )
+    url_fetch_threads: int = Field(
+        8, ge=1, le=256, description="threads that fetch URLs (their own pool: slow URLs never hold decoding)"
+    )
 
     # --- server
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 inside containers)")

@@ -722,7 +722,7 @@ def test_cors(ckpt):
 
 @pytest.fixture
 def image_server():
-    """A local HTTP server (127.0.0.1) serving PNG at /img.png and a redirect at /go."""
+    """A local HTTP server (127.0.0.1) serving PNG at /img.png, a redirect at /go, 404 elsewhere."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -730,6 +730,9 @@ def image_server():
                 self.send_response(302)
                 self.send_header("Location", "/img.png")
                 self.end_headers()
+                return
+            if self.path != "/img.png":
+                self.send_error(404)
                 return
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -754,10 +757,12 @@ def test_url_inputs_are_refused_unless_enabled_and_private_addresses_blocked(ckp
         assert r.status_code == 422 and r.json()["data"][0]["error"]["code"] == "url_fetch_disabled"
     with TestClient(create_app(settings(ckpt, allow_url_fetch=True))) as c:  # on, but loopback is private
         r = c.post("/v1/embed", json={"images": [{"url": url}]})
-        assert r.status_code == 422 and r.json()["data"][0]["error"]["code"] == "url_blocked"
+        assert r.status_code == 422 and r.json()["data"][0]["error"]["code"] == "url_fetch_failed"
         r = c.post("/v1/embed", json={"images": ["http://169.254.169.254/latest/meta-data/"]})
-        assert r.json()["data"][0]["error"]["code"] in ("url_blocked", "url_fetch_failed")
+        assert r.json()["data"][0]["error"]["code"] == "url_fetch_failed"
         r = c.post("/v1/embed", json={"images": [{"url": "file:///etc/passwd"}]})
+        assert r.json()["data"][0]["error"]["code"] == "url_invalid"
+        r = c.post("/v1/embed", json={"images": [{"url": "http://a:99999/x.png"}]})  # was a "corrupt image"
         assert r.json()["data"][0]["error"]["code"] == "url_invalid"
     with TestClient(create_app(settings(ckpt, allow_url_fetch=True, url_fetch_allow_private=True))) as c:
         direct = c.post("/v1/embed", content=PNG, headers={"content-type": "image/png"}).json()["data"][0]
@@ -779,11 +784,156 @@ def test_address_policy():
         "fe80::1",
         "::ffff:127.0.0.1",
         "0.0.0.0",
+        # IPv4 inside IPv6 (issue 11): NAT64, 6to4 of 169.254.169.254, IPv4-compatible, Teredo
+        "64:ff9b::7f00:1",
+        "2002:a9fe:a9fe::",
+        "::127.0.0.1",
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+        "224.0.0.1",
     ):
         assert not address_allowed(private, False), private
         assert address_allowed(private, True)
-    for public in ("8.8.8.8", "2001:4860:4860::8888"):
+    for public in ("8.8.8.8", "2001:4860:4860::8888", "64:ff9b::808:808"):
         assert address_allowed(public, False)
+
+
+def _listener():
+    """A loopback TCP socket that counts connections (it accepts, never answers)."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.settimeout(0.2)
+    return sock
+
+
+def test_blocked_addresses_are_never_connected_to_and_every_failure_reads_the_same(image_server):
+    """Issue 11: the address was checked after connecting, so the error differed between open and closed
+    ports (a port scanner); now the name is resolved and checked first, and every failure is one answer."""
+    import socket
+
+    from supmae_serve.api.fetch import FetchPolicy, fetch_url
+    from supmae_serve.preprocess import ImageError
+
+    listener = _listener()
+    port = listener.getsockname()[1]
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    errors = []
+    for url in (f"http://127.0.0.1:{port}/", f"http://localhost:{closed_port}/", image_server + "/img.png"):
+        with pytest.raises(ImageError) as e:
+            fetch_url(url, FetchPolicy(timeout_s=2))
+        errors.append((e.value.status, e.value.code, str(e.value)))
+    with pytest.raises(OSError):
+        listener.accept()  # nothing ever connected
+    listener.close()
+    assert len(set(errors)) == 1 and errors[0][:2] == (422, "url_fetch_failed"), errors
+    # with private addresses allowed, a closed port, an error answer and no answer still read the same
+    silent = _listener()  # accepts, never answers: the deadline ends it
+    for url in (
+        f"http://127.0.0.1:{closed_port}/",
+        image_server + "/missing",
+        f"http://127.0.0.1:{silent.getsockname()[1]}/",
+    ):
+        with pytest.raises(ImageError) as e:
+            fetch_url(url, FetchPolicy(allow_private=True, timeout_s=0.5))
+        assert (e.value.code, str(e.value)) == (errors[0][1], errors[0][2])
+    silent.close()
+
+
+class _Drip(http.server.BaseHTTPRequestHandler):
+    """/body: headers at once, then one body byte every 0.2 s; /head: the header lines a byte at a time."""
+
+    def do_GET(self):
+        try:
+            if self.path == "/head":
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                for c in b"X-Slow: " + b"x" * 1000:
+                    self.wfile.write(bytes([c]))
+                    self.wfile.flush()
+                    threading.Event().wait(0.2)
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            for _ in range(100000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                threading.Event().wait(0.2)
+        except OSError:
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def drip_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path", ["/body", "/head"])
+def test_a_fetch_has_one_deadline_however_the_server_drips(drip_server, path):
+    """Issue 11: the timeout bounded each socket read, so a byte every 2 s kept a fetch going for ever."""
+    import time
+
+    from supmae_serve.api.fetch import FetchPolicy, fetch_url
+    from supmae_serve.preprocess import ImageError
+
+    out = {}
+
+    def fetch():
+        t0 = time.monotonic()
+        try:
+            fetch_url(drip_server + path, FetchPolicy(allow_private=True, timeout_s=1.0))
+        except ImageError as e:
+            out["error"] = e.code
+        out["s"] = time.monotonic() - t0
+
+    thread = threading.Thread(target=fetch, daemon=True)
+    thread.start()
+    thread.join(15)
+    assert out.get("error") == "url_fetch_failed" and out["s"] < 3.0, out
+
+
+@pytest.mark.timeout(60)
+def test_slow_urls_never_hold_the_decoding_of_other_requests(ckpt, drip_server):
+    """Issue 11: four clients pointing at a dripping server filled the decode threads and an ordinary
+    request got no answer. Fetches now have their own pool and deadline; the ordinary request answers while
+    the slow ones are still waiting for their URLs."""
+    import time
+
+    s = settings(
+        ckpt, allow_url_fetch=True, url_fetch_allow_private=True, url_fetch_timeout_s=3.0, decode_threads=2
+    )
+    with TestClient(create_app(s), raise_server_exceptions=False) as c:
+        good_request(c)  # warm
+        done: dict[str, float] = {}
+        t0 = time.monotonic()
+
+        def slow(i):
+            r = c.post("/v1/embed", json={"images": [drip_server + "/body"]})
+            assert r.json()["data"][0]["error"]["code"] == "url_fetch_failed"
+            done[f"slow{i}"] = time.monotonic() - t0
+
+        threads = [threading.Thread(target=slow, args=(i,), daemon=True) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # the four fetches are dripping
+        good_request(c)
+        done["ordinary"] = time.monotonic() - t0
+        for t in threads:
+            t.join(20)
+        assert len(done) == 5, done
+        assert done["ordinary"] < min(v for k, v in done.items() if k.startswith("slow")), done
+        assert max(done.values()) < 8, done  # every slow one ended at its deadline (3 s, waiting included)
 
 
 def test_exif_orientation_is_applied_by_the_api(client):

@@ -9,6 +9,7 @@ image succeeded, otherwise the items' shared status (422 when they differ).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -137,17 +138,21 @@ async def _run(
     except CapabilityError as e:
         raise ApiError(422, "capability_unavailable", str(e)) from e
     key = make_key(opts)
+    timeout_s = service.settings.request_timeout_s  # one deadline: fetching, decoding, queue and inference
+    deadline = asyncio.get_running_loop().time() + timeout_s
     try:
         service.check_capacity(len(parsed.items))  # before spending CPU on decoding
-        prepared = await service.prepare(parsed.items)
+        prepared = await asyncio.wait_for(service.prepare(parsed.items), timeout_s)
         good = [(i, x) for i, x in enumerate(prepared) if isinstance(x, torch.Tensor)]
-        results = await service.infer(key, [(x, seed_of(opts)) for _, x in good]) if good else []
+        remaining = max(deadline - asyncio.get_running_loop().time(), 0.001)
+        payloads = [(x, seed_of(opts)) for _, x in good]
+        results = await service.infer(key, payloads, remaining) if good else []
     except QueueFullError as e:
         raise ApiError(429, "queue_full", str(e), {"Retry-After": str(e.retry_after_s)}) from e
     except BatcherClosedError as e:
         raise ApiError(503, "unavailable", f"not accepting work: {e}", {"Retry-After": "5"}) from e
-    except RequestTimeout as e:
-        raise ApiError(504, "timeout", str(e)) from e
+    except (RequestTimeout, asyncio.TimeoutError) as e:
+        raise ApiError(504, "timeout", f"no result within the request timeout of {timeout_s:g} s") from e
     except CapabilityError as e:
         raise ApiError(422, "capability_unavailable", str(e)) from e
     task = capability
