@@ -488,6 +488,38 @@ def test_capabilities_are_enforced_per_model():
         assert r.status_code == 422 and r.json()["error"]["code"] == "capability_unavailable"
 
 
+def test_a_large_response_does_not_stall_the_event_loop():
+    """Issue 11: /v1/embed?pooling=patch for 64 images (15 MB of JSON) was encoded on the event loop and
+    stalled every other request (/healthz) for as long. The loop's longest pause while such a response is
+    built must be a small part of what encoding that JSON in one go takes."""
+    import asyncio
+    import time
+
+    card = fake_card(class_names=CLASSES, embed_dim=192)  # ViT-T width, 64 patches: 64 x 64 x 192 floats
+    s = settings(max_images_per_request=64, max_request_bytes=4_000_000)
+    with TestClient(create_app(s, backend=FakeBackend(card))) as c:
+        body = {"images": [b64(encode(synthetic_image(seed=i))) for i in range(64)], "pooling": "patch"}
+        assert c.post("/v1/embed", json=body).status_code == 200  # warm
+        pauses: list[float] = []
+        stop = threading.Event()
+
+        async def watch():
+            loop = asyncio.get_running_loop()
+            while not stop.is_set():
+                t = loop.time()
+                await asyncio.sleep(0.002)
+                pauses.append(loop.time() - t - 0.002)
+
+        c.portal.start_task_soon(watch)
+        r = c.post("/v1/embed", json=body)
+        stop.set()
+        assert r.status_code == 200 and len(r.content) > 10_000_000
+        t0 = time.perf_counter()
+        json.dumps(r.json())
+        one_go = time.perf_counter() - t0
+    assert max(pauses) < one_go / 3, (max(pauses), one_go)
+
+
 # ---------------------------------------------------------------------------- timing headers and metrics
 def test_timing_headers(client):
     r = good_request(client)

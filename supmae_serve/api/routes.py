@@ -14,6 +14,7 @@ import base64
 import hashlib
 import hmac
 import io
+import json
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Annotated, Any
@@ -161,11 +162,6 @@ async def _run(
     for i, x in enumerate(prepared):
         if isinstance(x, ImageError):
             items[i] = _error_item(i, x)
-    rendered = await service.run_blocking(
-        lambda: [render(opts, i, r.value, x) for (i, x), r in zip(good, results, strict=True)]
-    )
-    for (i, _), item in zip(good, rendered, strict=True):
-        items[i] = item
     m = service.metrics
     m.images.labels(task, "ok").inc(len(good))
     m.images.labels(task, "error").inc(len(prepared) - len(good))
@@ -179,14 +175,37 @@ async def _run(
             "X-Inference-Time-Ms": f"{inference_ms:.2f}",
             "X-Batch-Size": str(max(r.batch_size for r in results)),
         }
-    body = {
-        "object": "list",
-        "model": service.card.variant or service.card.framework,
-        **header(opts),
-        "data": items,
-        "usage": {"images": len(items), "succeeded": len(good), "failed": len(items) - len(good)},
-    }
-    return JSONResponse(body, _status(items), headers=headers)
+
+    def body() -> bytes:  # rendering and JSON encoding: CPU work for a thread, not the event loop
+        for (i, x), r in zip(good, results, strict=True):
+            items[i] = render(opts, i, r.value, x)
+        return _json(
+            {
+                "object": "list",
+                "model": service.card.variant or service.card.framework,
+                **header(opts),
+                "data": items,
+                "usage": {"images": len(items), "succeeded": len(good), "failed": len(items) - len(good)},
+            }
+        )
+
+    content = await service.run_blocking(body)
+    return Response(content, _status(items), headers=headers, media_type="application/json")
+
+
+def _json(body: dict) -> bytes:
+    """`body` as JSONResponse would encode it, one `data` item per json.dumps call: a call holds the GIL for
+    its whole run, so one call over a 15 MB body (64 images' patch tokens) would stall the event loop for as
+    long; between items the loop's thread gets its turn."""
+
+    def dumps(value) -> str:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+    fields = [
+        f"{dumps(k)}:[{','.join(map(dumps, v))}]" if k == "data" else f"{dumps(k)}:{dumps(v)}"
+        for k, v in body.items()
+    ]
+    return ("{" + ",".join(fields) + "}").encode()
 
 
 # ---------------------------------------------------------------------------- rendering per task
