@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import inspect
 import json
 import logging
@@ -117,12 +118,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    from supmae_serve.api.limits import HeaderTimeoutProtocol
+
     common = dict(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
         proxy_headers=True,
+        limit_concurrency=settings.limit_concurrency,
+        timeout_keep_alive=settings.timeout_keep_alive,
+        http=functools.partial(HeaderTimeoutProtocol, header_timeout_s=settings.header_timeout_s),
     )
     if settings.workers == 1:
         uvicorn.run(app, **common)

@@ -113,6 +113,21 @@ class Settings(BaseSettings):
         "info", description="log level"
     )
     shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown: time to drain the queue")
+    # --- what one client can hold (supmae_serve/api/limits.py; a reverse proxy should add its own)
+    limit_concurrency: int = Field(
+        256, ge=1, description="connections + requests in progress at most; beyond it uvicorn answers 503"
+    )
+    timeout_keep_alive: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays open")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection must send its request head within this -> closed"
+    )
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within this -> 408")
+    max_bytes_in_flight: int = Field(
+        128 * 1024 * 1024,
+        ge=1024,
+        description="request body bytes being received or held at once, reserved from Content-Length "
+        "before reading -> 503",
+    )
     demo: bool = Field(True, description="mount the Gradio demo at /demo (needs pip install 'supmae[demo]')")
 
     @field_validator("api_keys", "cors_origins", mode="before")
@@ -155,6 +170,11 @@ class Settings(BaseSettings):
         if self.max_image_bytes > self.max_request_bytes:
             raise ValueError(
                 f"max_image_bytes ({self.max_image_bytes}) cannot exceed max_request_bytes ({self.max_request_bytes})"
+            )
+        if self.max_request_bytes > self.max_bytes_in_flight:
+            raise ValueError(
+                f"max_request_bytes ({self.max_request_bytes}) cannot exceed max_bytes_in_flight "
+                f"({self.max_bytes_in_flight}): a request of the largest size could never be received"
             )
         return self
 

@@ -23,6 +23,7 @@ from supmae_serve.model import load_model_card
 from supmae_serve.settings import Settings
 
 from .errors import install_error_handlers
+from .limits import ClientLimits
 from .metrics import MetricsMiddleware
 from .routes import ApiKeys, aliases, health, v1
 from .service import InferenceService
@@ -129,8 +130,15 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                 "X-Request-ID",
             ],
         )
-    app.add_middleware(MetricsMiddleware, metrics=service.metrics)
     app.state.demo_mounted = mount_demo(app, service) if settings.demo else False
+    # outermost first: metrics count everything, then the client limits, before any body is read
+    app.add_middleware(
+        ClientLimits,
+        max_bytes_in_flight=settings.max_bytes_in_flight,
+        max_request_bytes=settings.max_request_bytes,
+        body_timeout_s=settings.body_timeout_s,
+    )
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics)
     if settings.api_keys:
         _declare_bearer_auth(app)
     return app
