@@ -36,6 +36,9 @@ from supmae_serve.preprocess import (
     to_pil,
 )
 from supmae_serve.redact import redact_paths
+from supmae_serve.settings import DEFAULT_MAX_PIXELS
+
+from .guard import DemoGuard, UploadPolicy
 
 INSTALL_HINT = "pip install 'supmae[demo]'"
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -66,8 +69,20 @@ def _user_error(message: str) -> Exception:
 class DemoConfig:
     top_k: int = 5
     display_size: int = 256  # reconstruction views are upscaled (nearest) to about this many pixels
-    limits: ImageLimits = field(default_factory=ImageLimits)
+    # per image, as the server's (supmae-serve passes its own)
+    limits: ImageLimits = field(default_factory=lambda: ImageLimits(max_pixels=DEFAULT_MAX_PIXELS))
     concurrency: int = 2  # events computed at once (the CPU is shared with the REST API)
+    max_request_bytes: int = 32 * 1024 * 1024  # one upload request (the server's --max-request-bytes)
+    upload_ttl_s: int = 600  # uploads and outputs are deleted this long after they were written
+    upload_quota_bytes: int = 256 * 1024 * 1024  # upload bytes accepted within upload_ttl_s
+
+    def upload_policy(self) -> UploadPolicy:
+        return UploadPolicy(
+            limits=self.limits,
+            max_request_bytes=self.max_request_bytes,
+            ttl_s=self.upload_ttl_s,
+            quota_bytes=self.upload_quota_bytes,
+        )
 
 
 class DemoService:
@@ -282,9 +297,10 @@ def build_demo(
         _guard_image_input(component)
         return component
 
-    # delete_cache: Gradio keeps every upload and output image in its cache folder; a long-running
-    # server drops files older than an hour, checking every hour
-    with gr.Blocks(title="SupMAE demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+    # delete_cache: Gradio keeps every upload and output image in its cache folder; drop them
+    # upload_ttl_s after they were written, checking every minute (the examples are kept)
+    delete_cache = (60, service.config.upload_ttl_s)
+    with gr.Blocks(title="SupMAE demo", analytics_enabled=False, delete_cache=delete_cache) as demo:
         # callables: evaluated on each page load, so a server that mounts the page before its backend
         # has loaded (supmae-serve) still shows the backend that serves it
         gr.Markdown(lambda: "# SupMAE demo\n" + service.summary())
@@ -391,11 +407,16 @@ def mount_demo(
     examples_dir: str | os.PathLike | None = None,
     config: DemoConfig | None = None,
 ):
-    """Mount the demo at `path` of a FastAPI app (the REST server calls this) and return the app."""
+    """Mount the demo at `path` of a FastAPI app (the REST server calls this) and return the app.
+
+    The page reads only files uploaded through it, only images within `config`'s limits (app/guard.py):
+    Gradio's own check is switched on (it runs only once `has_launched` is set, which `launch()` does and
+    mounting does not) and `DemoGuard` enforces the same at the HTTP boundary, whatever Gradio's defaults.
+    Features the page does not use, some of which reach the network, are off."""
     gr = _gradio()
     config = config or DemoConfig()
     demo = build_demo(backend, examples_dir=examples_dir, config=config)
-    return gr.mount_gradio_app(
+    gr.mount_gradio_app(
         fastapi_app,
         demo,
         path=path,
@@ -405,7 +426,16 @@ def mount_demo(
         show_error=True,
         max_file_size=config.limits.max_bytes,
         footer_links=[],
+        allowed_paths=[],
+        mcp_server=False,
+        enable_monitoring=False,
+        run_history=False,
     )
+    demo.has_launched = True
+    fastapi_app.add_middleware(
+        DemoGuard, prefix=path, policy=config.upload_policy(), upload_dir=gr.utils.get_upload_folder()
+    )
+    return fastapi_app
 
 
 def create_demo_app(

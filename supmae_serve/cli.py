@@ -43,9 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        default = "[]" if field.default_factory is list else field.default
+        is_bool = field.annotation in (bool, bool | None)
+        default = (
+            "[]"
+            if field.default_factory is list
+            else "unset"
+            if is_bool and field.default is None
+            else field.default
+        )
         help_text = f"{field.description} (default: {default}; env SUPMAE_{name.upper()})"
-        if field.annotation is bool:
+        if is_bool:
             p.add_argument(
                 flag,
                 dest=name,

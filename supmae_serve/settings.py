@@ -7,6 +7,7 @@ Lists (`api_keys`, `cors_origins`) are comma-separated in the environment and on
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -128,7 +129,11 @@ class Settings(BaseSettings):
         description="request body bytes being received or held at once, reserved from Content-Length "
         "before reading -> 503",
     )
-    demo: bool = Field(True, description="mount the Gradio demo at /demo (needs pip install 'supmae[demo]')")
+    demo: bool | None = Field(
+        None,
+        description="mount the Gradio demo at /demo (needs pip install 'supmae[demo]'); unset: only when --host "
+        "is a loopback address (a demo on a public address is opt-in: --demo)",
+    )
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
@@ -177,6 +182,20 @@ class Settings(BaseSettings):
                 f"({self.max_bytes_in_flight}): a request of the largest size could never be received"
             )
         return self
+
+    def demo_on(self) -> bool:
+        """Whether to mount the demo: as set, else only on a loopback address. The demo is as open as the API
+        without keys, but it is a larger surface (Gradio's routes, uploads kept on disk for a while), so a
+        server reachable from other machines gets it only when asked (docs/deployment.md, "Security")."""
+        if self.demo is not None:
+            return self.demo
+        host = self.host.strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
     # ------------------------------------------------------------------ typed views passed inward
     # (imports inside: reading settings must not load torch, so `supmae-serve --help` and uvicorn's worker

@@ -1001,6 +1001,7 @@ def test_demo_is_mounted_over_the_batched_backend(ckpt, monkeypatch):
     with TestClient(create_app(s)) as c:
         assert c.app.state.demo_mounted and c.get("/demo").json() == {"demo": True}
         assert mounted["config"].limits == s.image_limits()  # the page applies the server's limits
+        assert mounted["config"].max_request_bytes == s.max_request_bytes
         backend = mounted["backend"]  # called from this (non-loop) thread, as Gradio's workers do
         x = to_tensor(decode_image(PNG), backend.card.preprocessing).unsqueeze(0).repeat(2, 1, 1, 1)
         assert backend.classify(x).probs.shape == (2, 10) and backend.classify(x).labels == CLASSES
@@ -1029,6 +1030,9 @@ def test_demo_missing_gradio_only_warns(ckpt, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="supmae.api"):
         app = create_app(settings(ckpt, demo=True, api_keys="k"))
     assert app.state.demo_mounted is False and "cannot check them" in caplog.text
+    with caplog.at_level(logging.INFO, logger="supmae.api"):
+        app = create_app(settings(ckpt, demo=None, host="0.0.0.0"))  # the Docker image's address, no keys
+    assert app.state.demo_mounted is False and "--demo mounts it" in caplog.text
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

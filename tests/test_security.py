@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
+from .conftest import encode, synthetic_image
 from .test_api import PNG, tiny_checkpoint
 from .test_serve import start_server, stop
 
@@ -31,16 +34,26 @@ LIMITS = [
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def upload_dir(tmp_path_factory) -> Path:
+    """Gradio's upload folder of the server under test (GRADIO_TEMP_DIR), not the machine's shared one."""
+    return tmp_path_factory.mktemp("gradio-uploads").resolve()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, upload_dir):
+    pytest.importorskip("gradio", reason="the demo needs the 'demo' extra: pip install 'supmae[demo]'")
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(upload_dir)}
     proc, url = start_server(
         tiny_checkpoint(tmp_path_factory.mktemp("ckpt")),
         *LIMITS,
+        "--demo",
         "--threads",
         "1",
         "--max-wait-ms",
         "1",
         "--log-level",
         "warning",
+        env=env,
     )
     try:
         yield url
@@ -160,3 +173,79 @@ def test_connections_beyond_limit_concurrency_get_503(base):
         sock.close()
     time.sleep(0.3)
     assert httpx.get(base + "/healthz", timeout=5).status_code == 200
+
+
+# ---------------------------------------------------------------------------- the mounted demo (item 1)
+FILE = {"_type": "gradio.FileData"}
+
+
+def explore(base: str, image: dict, timeout: float = 10.0) -> tuple[int, str]:
+    """The demo's explore event over Gradio's HTTP API -> (status of the call, its final event or body)."""
+    r = httpx.post(f"{base}/demo/gradio_api/call/explore", json={"data": [image, 0.75, 0]}, timeout=timeout)
+    if r.status_code != 200:
+        return r.status_code, r.text
+    stream = httpx.get(f"{base}/demo/gradio_api/call/explore/{r.json()['event_id']}", timeout=timeout)
+    return 200, stream.text.strip().splitlines()[-2].removeprefix("event: ")
+
+
+def upload(base: str, *files: tuple[str, bytes, str]) -> httpx.Response:
+    parts = [("files", f) for f in files]
+    return httpx.post(f"{base}/demo/gradio_api/upload", files=parts, timeout=10)
+
+
+@pytest.mark.timeout(90)
+def test_the_demo_never_reads_a_file_it_was_not_sent(base, upload_dir, tmp_path):
+    """Issue 11: the mounted demo hashed /dev/zero on the event loop for ever (the server stopped answering,
+    even SIGTERM), classified an image elsewhere on the disk and copied /etc/passwd into its cache."""
+    elsewhere = tmp_path / "elsewhere.png"
+    elsewhere.write_bytes(encode(synthetic_image((48, 48), seed=4)))
+    for path in ("/dev/zero", str(elsewhere), "/etc/passwd", "http://127.0.0.1:9/x.png"):
+        status, answer = explore(base, {"path": path, "meta": FILE})
+        assert status == 403 and "only reads files uploaded to it" in answer, (path, status, answer)
+        t0 = time.monotonic()
+        assert httpx.get(base + "/healthz", timeout=5).status_code == 200
+        assert time.monotonic() - t0 < 2
+    # the browser's route (the queue) and a data: URL riding on an uploaded file's path
+    uploaded = upload(base, ("a.png", PNG, "image/png")).json()[0]
+    queue = {"data": [{"path": str(elsewhere), "meta": FILE}, 0.75, 0], "fn_index": 0, "session_hash": "x"}
+    r = httpx.post(f"{base}/demo/gradio_api/queue/join", json=queue, timeout=10)
+    assert r.status_code == 403
+    sneaky = {"path": uploaded, "url": "data:image/png;base64,AAAA", "meta": FILE}
+    assert explore(base, sneaky)[0] == 403
+    assert httpx.get(f"{base}/demo/gradio_api/file=http://127.0.0.1:9/x", timeout=5).status_code == 403
+    # what the page does still works: upload, then explore the uploaded file
+    assert Path(uploaded).resolve().is_relative_to(upload_dir)
+    assert explore(base, {"path": uploaded, "meta": FILE}, timeout=30) == (200, "complete")
+
+
+@pytest.mark.timeout(60)
+def test_the_demo_upload_route_takes_one_image_within_the_servers_limits(base, upload_dir):
+    """Issue 11: the upload route took 9 MB non-image files, several per request, outside the API's limits."""
+    before = {p.name for p in upload_dir.rglob("*") if p.is_file()}
+    cases = [
+        ((("notes.txt", b"hello " * 5000, "text/plain"),), 415, "unsupported_format"),
+        ((("big.png", b"\x89PNG" + b"\0" * 150_000, "image/png"),), 413, "image_too_large"),
+        ((("a.png", PNG, "image/png"), ("b.png", PNG, "image/png")), 413, "too_many_files"),
+        ((("tiny.png", encode(synthetic_image((2, 2))), "image/png"),), 422, "image_too_small"),
+        ((("bomb.png", _bomb(), "image/png"),), 413, "too_many_pixels"),
+    ]
+    for files, status, code in cases:
+        r = upload(base, *files)
+        assert (r.status_code, code in r.text) == (status, True), (files[0][0], r.status_code, r.text)
+    r = httpx.post(
+        f"{base}/demo/gradio_api/upload",
+        content=b"x" * 300_000,
+        headers={"content-type": "multipart/form-data; boundary=x"},
+        timeout=10,
+    )
+    assert r.status_code == 413  # the server's --max-request-bytes (200000)
+    after = {p.name for p in upload_dir.rglob("*") if p.is_file()}
+    assert not {"notes.txt", "big.png", "tiny.png", "bomb.png"} & (after - before)  # nothing refused was kept
+    ok = upload(base, ("ok.png", PNG, "image/png"))
+    assert ok.status_code == 200 and Path(ok.json()[0]).resolve().is_relative_to(upload_dir)
+
+
+def _bomb() -> bytes:
+    from .test_api import _png_claiming
+
+    return _png_claiming(30000, 30000)

@@ -260,7 +260,7 @@ def test_every_setting_has_a_flag_and_no_flag_is_unexplained():
 def test_flags_env_and_defaults(monkeypatch):
     monkeypatch.delenv("SUPMAE_PORT", raising=False)
     s, _ = parse_settings([])
-    assert s.model == DEFAULT_MODEL and s.demo is True and s.backend == "auto" and s.api_keys == []
+    assert s.model == DEFAULT_MODEL and s.demo is None and s.backend == "auto" and s.api_keys == []
     monkeypatch.setenv("SUPMAE_PORT", "9001")
     monkeypatch.setenv("SUPMAE_API_KEYS", "a,b")
     s, _ = parse_settings(["--max-batch-size", "8", "--no-demo", "--cors-origins", "https://x.example"])
@@ -273,6 +273,22 @@ def test_flags_env_and_defaults(monkeypatch):
     )
     s, _ = parse_settings(["--port", "9002", "--api-keys", "c"])
     assert s.port == 9002 and s.api_keys == ["c"]  # flags win over the environment
+
+
+def test_the_demo_is_on_by_default_only_on_a_loopback_address(monkeypatch):
+    """Issue 11: a server listening on a public address without API keys (the Docker image) served the demo
+    to anyone; it is now opt-in there."""
+    for host, on in (
+        ("127.0.0.1", True),
+        ("localhost", True),
+        ("::1", True),
+        ("0.0.0.0", False),
+        ("::", False),
+    ):
+        assert Settings(host=host).demo_on() is on, host
+        assert Settings(host=host, demo=True).demo_on() and not Settings(host=host, demo=False).demo_on()
+    monkeypatch.setenv("SUPMAE_HOST", "0.0.0.0")
+    assert not parse_settings([])[0].demo_on() and parse_settings(["--demo"])[0].demo_on()
 
 
 def test_settings_survive_the_trip_to_worker_processes(monkeypatch, tmp_path):

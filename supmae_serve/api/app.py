@@ -71,8 +71,9 @@ def mount_demo(app: FastAPI, service: InferenceService) -> bool:
             log.warning("the demo is not available (%s); serving the API without /demo", e)
         return False
     try:
-        # the page enforces the server's image limits, not the demo's stand-alone defaults
-        config = DemoConfig(limits=service.settings.image_limits())
+        # the page enforces the server's image and request limits, not the demo's stand-alone defaults
+        s = service.settings
+        config = DemoConfig(limits=s.image_limits(), max_request_bytes=s.max_request_bytes)
         _mount(app, service.facade(), path="/demo", config=config)
     except ModuleNotFoundError as e:
         log.warning(
@@ -130,7 +131,11 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                 "X-Request-ID",
             ],
         )
-    app.state.demo_mounted = mount_demo(app, service) if settings.demo else False
+    if settings.demo is None and not settings.demo_on():
+        log.info(
+            "not mounting the demo: --host %s is not a loopback address (--demo mounts it)", settings.host
+        )
+    app.state.demo_mounted = mount_demo(app, service) if settings.demo_on() else False
     # outermost first: metrics count everything, then the client limits, before any body is read
     app.add_middleware(
         ClientLimits,
