@@ -36,7 +36,7 @@ from supmae_serve.preprocess import (
     to_pil,
 )
 from supmae_serve.redact import redact_paths
-from supmae_serve.settings import DEFAULT_MAX_PIXELS
+from supmae_serve.settings import DEFAULT_MAX_PIXELS, Settings
 
 from .guard import DemoGuard, UploadPolicy
 
@@ -444,10 +444,14 @@ def create_demo_app(
     examples_dir: str | os.PathLike | None = None,
     config: DemoConfig | None = None,
 ):
-    """The standalone server's app: the demo at `path`, `/` redirecting to it, `/healthz`."""
+    """The standalone server's app: the demo at `path`, `/` redirecting to it, `/healthz`; request bodies
+    bounded in time and bytes in flight as `supmae-serve` bounds them (its default settings)."""
     from fastapi import FastAPI
     from fastapi.responses import RedirectResponse
 
+    from supmae_serve.api.limits import ClientLimits
+
+    config = config or DemoConfig()
     app = FastAPI(title="SupMAE demo", docs_url=None, redoc_url=None)
 
     @app.get("/", include_in_schema=False)
@@ -458,7 +462,15 @@ def create_demo_app(
     def healthz() -> dict:
         return {"status": "ok"}
 
-    return mount_demo(app, backend, path=path, examples_dir=examples_dir, config=config)
+    mount_demo(app, backend, path=path, examples_dir=examples_dir, config=config)
+    defaults = Settings.model_fields
+    app.add_middleware(
+        ClientLimits,
+        max_bytes_in_flight=max(defaults["max_bytes_in_flight"].default, config.max_request_bytes),
+        max_request_bytes=config.max_request_bytes,
+        body_timeout_s=defaults["body_timeout_s"].default,
+    )
+    return app
 
 
 __all__ = [

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     model: Path = Field(
         DEFAULT_MODEL,
         description="checkpoint folder (model.safetensors + model.json) or a supmae-export folder "
-        "(manifest.json + model.json + *.onnx / *.engine); default: the bundled CIFAR-10 ViT-T/4",
+        "(manifest.json + model.json + *.onnx / *.plan); default: the bundled CIFAR-10 ViT-T/4",
     )
     export_dir: Path | None = Field(
         None,
@@ -86,7 +86,8 @@ class Settings(BaseSettings):
     api_keys: CommaList = Field(
         default_factory=list,
         repr=False,
-        description="comma-separated Bearer tokens; empty: no authentication. /healthz, /readyz, /metrics stay public",
+        description="comma-separated Bearer tokens (visible ASCII); empty: no authentication. /healthz, /readyz, "
+        "/metrics, /docs and /openapi.json stay public; the demo is not mounted",
     )
     cors_origins: CommaList = Field(
         default_factory=list, description="comma-separated allowed CORS origins ('*' for any)"

@@ -362,6 +362,7 @@ def test_cli_builds_the_demo_app_from_a_checkpoint(checkpoints, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
     assert main(["--checkpoint", str(checkpoints["supmae"]), "--device", "cpu", "--port", "7999"]) == 0
     assert (served["host"], served["port"]) == ("127.0.0.1", 7999)
+    assert served["limit_concurrency"] == 256 and served["http"].keywords == {"header_timeout_s": 10.0}
     with TestClient(served["app"]) as client:
         assert client.get("/demo/").status_code == 200
 

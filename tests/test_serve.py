@@ -257,6 +257,15 @@ def test_every_setting_has_a_flag_and_no_flag_is_unexplained():
     assert flags == set(Settings.model_fields) | set(EXTRA_FLAGS)
 
 
+def test_help_texts_say_what_the_flags_do():
+    """Issue 14: --api-keys left /docs out of the public routes, --model named engines *.engine, --check
+    claimed to print /v1/info."""
+    helps = {a.dest: a.help for a in build_parser()._actions}
+    assert "/docs" in helps["api_keys"] and "/healthz" in helps["api_keys"]
+    assert "*.plan" in helps["model"] and ".engine" not in helps["model"]
+    assert "{ready, backend, model}" in helps["check"] and "/v1/info" not in helps["check"]
+
+
 def test_flags_env_and_defaults(monkeypatch):
     monkeypatch.delenv("SUPMAE_PORT", raising=False)
     s, _ = parse_settings([])
