@@ -9,8 +9,9 @@ plugins, EPS and its Ghostscript call among them, are never reached), the header
 `ImageLimits` before any pixel is decoded, and a caller that says how large its model input is
 (`decode_image(..., shrink_to=resize_side(prep))`) gets large images decoded small: JPEGs through the
 decoder's DCT scaling (`draft`), other formats reduced right after decoding (`reduce`), before any mode
-conversion. The peak is then about one decoded full-size image: at most 4 bytes per pixel (5 for palette
-images), and no float64 copies (docs/deployment.md, "Security", has the measured figures).
+conversion, and no float64 copies. The peak is then about one decoded full-size image, at most about 5 bytes
+per pixel; WebP, which Pillow decodes at about 16, may have a quarter of the pixels (docs/deployment.md,
+"Security", has the measured figures).
 """
 
 from __future__ import annotations
@@ -74,9 +75,16 @@ class ImageLimits:
     min_side: int = 8  # smaller images carry too little to classify
 
 
-def _too_many_pixels(w: int, h: int, limit: int) -> ImageError:
+# Pillow decodes WebP through libwebp's animation decoder: two full-size canvases and a copy besides the
+# image, about 16 bytes per pixel where the other formats take at most 5 (benchmarks/decode_memory.py). Its
+# pixels count this many times against ImageLimits.max_pixels, so every format's worst case is alike.
+_PIXEL_COST = {"WEBP": 4}
+
+
+def _too_many_pixels(w: int, h: int, limit: int, fmt: str | None = None) -> ImageError:
+    where = f" for {fmt} images (they take {_PIXEL_COST[fmt]}x the memory to decode)" if fmt else ""
     return ImageError(
-        f"image is {w}x{h} = {w * h} pixels; the limit is {limit} pixels", 413, "too_many_pixels"
+        f"image is {w}x{h} = {w * h} pixels; the limit is {limit} pixels{where}", 413, "too_many_pixels"
     )
 
 
@@ -124,8 +132,9 @@ def open_image(data: bytes, limits: ImageLimits = ImageLimits()) -> ImageFile.Im
     except Exception as e:  # noqa: BLE001 - malformed headers raise many types
         raise ImageError(f"cannot read image header: {e}", 422, "corrupt_image") from e
     w, h = img.size
-    if w * h > limits.max_pixels:
-        raise _too_many_pixels(w, h, limits.max_pixels)
+    cost = _PIXEL_COST.get(img.format or "", 1)
+    if w * h > limits.max_pixels // cost:
+        raise _too_many_pixels(w, h, limits.max_pixels // cost, img.format if cost > 1 else None)
     if min(w, h) < limits.min_side:
         raise ImageError(
             f"image is {w}x{h}; each side must be at least {limits.min_side} pixels", 422, "image_too_small"

@@ -169,6 +169,19 @@ def test_too_many_pixels_names_the_size_even_past_pillows_own_check(w, h):
     assert str(e.value) == f"image is {w}x{h} = {w * h} pixels; the limit is 40000000 pixels"
 
 
+def test_webp_counts_four_times_against_the_pixel_limit():
+    """Pillow decodes WebP at about 16 bytes per pixel (libwebp's animation decoder), 4x the other formats."""
+    img = synthetic_image((100, 100))
+    limits = ImageLimits(max_pixels=30_000)
+    assert decode_image(encode(img, "PNG"), limits).size == (100, 100)
+    with pytest.raises(ImageError) as e:
+        decode_image(encode(img, "WEBP"), limits)
+    assert e.value.code == "too_many_pixels"
+    assert str(e.value).startswith(
+        "image is 100x100 = 10000 pixels; the limit is 7500 pixels for WEBP images"
+    )
+
+
 def test_large_images_are_shrunk_while_decoding_to_what_the_model_needs():
     prep = Preprocessing(image_size=32, crop_pct=1.0)
     big = synthetic_image((1000, 600), seed=7)
