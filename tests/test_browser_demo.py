@@ -134,6 +134,12 @@ def test_demo_in_chromium_classifies_and_reconstructs_an_upload(demo_url, tmp_pa
                 arg=[original.element_handle(), before],
                 timeout=30_000,
             )
+
+            # a file that is not an image is refused by the upload route, and the page says why
+            bad = tmp_path / "notes.png"
+            bad.write_text("hello, not an image")
+            page.locator("#explore-image input[type=file]").set_input_files(str(bad))
+            page.get_by_text("not a recognised image format").first.wait_for(timeout=30_000)
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "demo-failure.png"), full_page=True)
             raise
