@@ -1047,3 +1047,33 @@ def test_fp16_checkpoint_serves(tmp_path):
     save_checkpoint(tiny_model(), path, variant="micro_patch4_32", class_names=CLASSES, dtype=torch.float16)
     with TestClient(create_app(settings(path))) as c:
         good_request(c)
+
+
+def test_a_client_leaving_mid_body_is_one_log_line(client, caplog):
+    """Issue 11: every client error is a 4xx and one log line, a client gone mid-upload too."""
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    sent: list = []
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/embed",
+        "raw_path": b"/v1/embed",
+        "query_string": b"",
+        "headers": [(b"content-type", b"image/png"), (b"content-length", b"5000")],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+        "scheme": "http",
+        "root_path": "",
+        "http_version": "1.1",
+    }
+    with caplog.at_level(logging.INFO):
+        client.portal.call(client.app, scope, receive, send)
+    assert sent[0]["status"] == 400
+    assert "client went away" in caplog.text and "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
