@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "cifar10_vit_tiny"
 
 # 4096 x 4096: ten times the side of the largest model input (384 px) and more than a 12 MP photo; decoding
-# such an image peaks at about 4 bytes per pixel (64 MiB), see docs/deployment.md "Security"
+# such an image peaks at about 5 bytes per pixel at most (81 MiB), see docs/deployment.md "Security"
 DEFAULT_MAX_PIXELS = 4096 * 4096
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "fake")
 CommaList = Annotated[list[str], NoDecode]

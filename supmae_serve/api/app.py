@@ -136,7 +136,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             "not mounting the demo: --host %s is not a loopback address (--demo mounts it)", settings.host
         )
     app.state.demo_mounted = mount_demo(app, service) if settings.demo_on() else False
-    # outermost first: metrics count everything, then the client limits, before any body is read
+    # the last added is the outermost: metrics count everything, the client limits act before any body is
+    # read, then the demo's guard (added by mount_demo), CORS and the routes
     app.add_middleware(
         ClientLimits,
         max_bytes_in_flight=settings.max_bytes_in_flight,
