@@ -71,7 +71,9 @@ class ImageError(ValueError):
 @dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int = 10 * 1024 * 1024  # per image
-    max_pixels: int = 40_000_000  # decompression-bomb guard (width x height, checked before decoding)
+    # decompression-bomb guard (width x height, checked before decoding) for training and evaluation data;
+    # the server, decoding untrusted input on several threads, defaults to 4096 x 4096 (settings.py)
+    max_pixels: int = 40_000_000
     min_side: int = 8  # smaller images carry too little to classify
 
 
