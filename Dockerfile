@@ -1,10 +1,14 @@
 # syntax=docker/dockerfile:1.7
-# supmae-serve: the REST API + Gradio demo with the model baked in.
+# supmae-serve: the REST API (and, on request, the Gradio demo) with the model baked in.
 #
 #   docker build -t supmae-serve .                                  # GPU image (CUDA runtime base)
 #   docker build -t supmae-serve:cpu --build-arg DEVICE=cpu .       # CPU image (plain Ubuntu base)
-#   docker run --gpus all -p 8000:8000 supmae-serve                 # http://localhost:8000/docs, /demo
-#   docker run -p 8000:8000 -e SUPMAE_API_KEYS=secret supmae-serve:cpu
+#   docker run --gpus all -p 8000:8000 -e SUPMAE_API_KEYS=k1,k2 supmae-serve   # http://localhost:8000/docs
+#   docker run -p 8000:8000 -e SUPMAE_DEMO=true supmae-serve:cpu   # + the demo at /demo (no API keys)
+#
+# The container listens on 0.0.0.0, so the demo is off unless SUPMAE_DEMO=true (a public demo is opt-in,
+# and it is never mounted when API keys are set); see docs/deployment.md, "Security", for what a
+# deployment adds in front (TLS, a reverse proxy's timeouts and body limits, keys).
 #
 # Another model: --build-arg MODEL=<folder in the build context> (a checkpoint folder or a supmae-export
 # folder). Every setting is an environment variable (SUPMAE_*) or a flag after the image name.

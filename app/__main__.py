@@ -51,10 +51,24 @@ def main(argv=None) -> int:
     except (BackendError, CheckpointError, ImportError) as e:
         print(f"python -m app: {e}", file=sys.stderr)
         return 2
+    import functools
+
     import uvicorn
 
+    from supmae_serve.api.limits import HeaderTimeoutProtocol
+    from supmae_serve.settings import Settings
+
     print(f"SupMAE demo on http://{args.host}:{args.port}{args.path.rstrip('/')}/", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    s = Settings.model_fields  # the connection limits of supmae-serve's defaults
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        limit_concurrency=s["limit_concurrency"].default,
+        timeout_keep_alive=s["timeout_keep_alive"].default,
+        http=functools.partial(HeaderTimeoutProtocol, header_timeout_s=s["header_timeout_s"].default),
+    )
     return 0
 
 

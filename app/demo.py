@@ -26,7 +26,19 @@ from PIL import Image
 
 from supmae_serve.backends.base import Backend, class_labels, top_k
 from supmae_serve.model.masking import num_visible
-from supmae_serve.preprocess import ImageError, ImageLimits, batch, decode_image, to_pil
+from supmae_serve.preprocess import (
+    FORMATS_TEXT,
+    ImageError,
+    ImageLimits,
+    batch,
+    decode_image,
+    resize_side,
+    to_pil,
+)
+from supmae_serve.redact import redact_paths
+from supmae_serve.settings import DEFAULT_MAX_PIXELS, Settings
+
+from .guard import DemoGuard, UploadPolicy
 
 INSTALL_HINT = "pip install 'supmae[demo]'"
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -57,8 +69,20 @@ def _user_error(message: str) -> Exception:
 class DemoConfig:
     top_k: int = 5
     display_size: int = 256  # reconstruction views are upscaled (nearest) to about this many pixels
-    limits: ImageLimits = field(default_factory=ImageLimits)
+    # per image, as the server's (supmae-serve passes its own)
+    limits: ImageLimits = field(default_factory=lambda: ImageLimits(max_pixels=DEFAULT_MAX_PIXELS))
     concurrency: int = 2  # events computed at once (the CPU is shared with the REST API)
+    max_request_bytes: int = 32 * 1024 * 1024  # one upload request (the server's --max-request-bytes)
+    upload_ttl_s: int = 600  # uploads and outputs are deleted this long after they were written
+    upload_quota_bytes: int = 256 * 1024 * 1024  # upload bytes accepted within upload_ttl_s
+
+    def upload_policy(self) -> UploadPolicy:
+        return UploadPolicy(
+            limits=self.limits,
+            max_request_bytes=self.max_request_bytes,
+            ttl_s=self.upload_ttl_s,
+            quota_bytes=self.upload_quota_bytes,
+        )
 
 
 class DemoService:
@@ -97,7 +121,7 @@ class DemoService:
                         f"image is {size} bytes; the limit is {limits.max_bytes} bytes per image", 413
                     )
                 data = path.read_bytes()
-            img = decode_image(data, limits)
+            img = decode_image(data, limits, resize_side(self.prep))
         except ImageError as e:
             raise _user_error(str(e)) from e
         return batch([img], self.prep)  # (1, 3, S, S)
@@ -191,7 +215,7 @@ class DemoService:
                 "capabilities": info.capabilities,
                 **info.extra,
             },
-            "model_card": self.card.to_dict(),
+            "model_card": redact_paths(self.card.to_dict()),  # not the trainer's directory layout
         }
 
 
@@ -231,9 +255,7 @@ def _guard_image_input(component) -> None:
         except Image.DecompressionBombError as e:
             raise _user_error(f"The upload is too large to decode: {e}") from e
         except Exception as e:  # noqa: BLE001 - any failure to open the upload is the user's input
-            raise _user_error(
-                "The upload is not a recognised image (supported: JPEG, PNG, WebP, GIF, BMP, TIFF)."
-            ) from e
+            raise _user_error(f"The upload is not a recognised image (supported: {FORMATS_TEXT}).") from e
 
     component.preprocess = preprocess
 
@@ -275,9 +297,10 @@ def build_demo(
         _guard_image_input(component)
         return component
 
-    # delete_cache: Gradio keeps every upload and output image in its cache folder; a long-running
-    # server drops files older than an hour, checking every hour
-    with gr.Blocks(title="SupMAE demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+    # delete_cache: Gradio keeps every upload and output image in its cache folder; drop them
+    # upload_ttl_s after they were written, checking every minute (the examples are kept)
+    delete_cache = (60, service.config.upload_ttl_s)
+    with gr.Blocks(title="SupMAE demo", analytics_enabled=False, delete_cache=delete_cache) as demo:
         # callables: evaluated on each page load, so a server that mounts the page before its backend
         # has loaded (supmae-serve) still shows the backend that serves it
         gr.Markdown(lambda: "# SupMAE demo\n" + service.summary())
@@ -384,11 +407,16 @@ def mount_demo(
     examples_dir: str | os.PathLike | None = None,
     config: DemoConfig | None = None,
 ):
-    """Mount the demo at `path` of a FastAPI app (the REST server calls this) and return the app."""
+    """Mount the demo at `path` of a FastAPI app (the REST server calls this) and return the app.
+
+    The page reads only files uploaded through it, only images within `config`'s limits (app/guard.py):
+    Gradio's own check is switched on (it runs only once `has_launched` is set, which `launch()` does and
+    mounting does not) and `DemoGuard` enforces the same at the HTTP boundary, whatever Gradio's defaults.
+    Features the page does not use, some of which reach the network, are off."""
     gr = _gradio()
     config = config or DemoConfig()
     demo = build_demo(backend, examples_dir=examples_dir, config=config)
-    return gr.mount_gradio_app(
+    gr.mount_gradio_app(
         fastapi_app,
         demo,
         path=path,
@@ -398,7 +426,16 @@ def mount_demo(
         show_error=True,
         max_file_size=config.limits.max_bytes,
         footer_links=[],
+        allowed_paths=[],
+        mcp_server=False,
+        enable_monitoring=False,
+        run_history=False,
     )
+    demo.has_launched = True
+    fastapi_app.add_middleware(
+        DemoGuard, prefix=path, policy=config.upload_policy(), upload_dir=gr.utils.get_upload_folder()
+    )
+    return fastapi_app
 
 
 def create_demo_app(
@@ -407,10 +444,14 @@ def create_demo_app(
     examples_dir: str | os.PathLike | None = None,
     config: DemoConfig | None = None,
 ):
-    """The standalone server's app: the demo at `path`, `/` redirecting to it, `/healthz`."""
+    """The standalone server's app: the demo at `path`, `/` redirecting to it, `/healthz`; request bodies
+    bounded in time and bytes in flight as `supmae-serve` bounds them (its default settings)."""
     from fastapi import FastAPI
     from fastapi.responses import RedirectResponse
 
+    from supmae_serve.api.limits import ClientLimits
+
+    config = config or DemoConfig()
     app = FastAPI(title="SupMAE demo", docs_url=None, redoc_url=None)
 
     @app.get("/", include_in_schema=False)
@@ -421,7 +462,15 @@ def create_demo_app(
     def healthz() -> dict:
         return {"status": "ok"}
 
-    return mount_demo(app, backend, path=path, examples_dir=examples_dir, config=config)
+    mount_demo(app, backend, path=path, examples_dir=examples_dir, config=config)
+    defaults = Settings.model_fields
+    app.add_middleware(
+        ClientLimits,
+        max_bytes_in_flight=max(defaults["max_bytes_in_flight"].default, config.max_request_bytes),
+        max_request_bytes=config.max_request_bytes,
+        body_timeout_s=defaults["body_timeout_s"].default,
+    )
+    return app
 
 
 __all__ = [

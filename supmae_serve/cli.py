@@ -3,7 +3,7 @@
     supmae-serve                                   # the bundled CIFAR-10 model, http://127.0.0.1:8000
     supmae-serve --model ckpt/ --device cuda --max-batch-size 64 --host 0.0.0.0
     supmae-serve --model export/ --backend onnxruntime --no-demo
-    supmae-serve --check                           # load, warm up, print /v1/info as JSON, exit
+    supmae-serve --check                           # load, warm up, print {ready, backend, model} as JSON, exit
 
 Every flag mirrors a field of `supmae_serve.settings.Settings` (environment `SUPMAE_<NAME>`); flags win over
 the environment. Prefer SUPMAE_API_KEYS to --api-keys: flags are visible in the process list.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import inspect
 import json
 import logging
@@ -42,9 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        default = "[]" if field.default_factory is list else field.default
+        is_bool = field.annotation in (bool, bool | None)
+        default = (
+            "[]"
+            if field.default_factory is list
+            else "unset"
+            if is_bool and field.default is None
+            else field.default
+        )
         help_text = f"{field.description} (default: {default}; env SUPMAE_{name.upper()})"
-        if field.annotation is bool:
+        if is_bool:
             p.add_argument(
                 flag,
                 dest=name,
@@ -62,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                 help=help_text,
             )
     p.add_argument(
-        "--check", action="store_true", help="load the model, warm it up, print /v1/info as JSON and exit"
+        "--check",
+        action="store_true",
+        help="load the model, warm it up, print {ready, backend, model} as JSON and exit (0: servable)",
     )
     return p
 
@@ -117,12 +127,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    from supmae_serve.api.limits import HeaderTimeoutProtocol
+
     common = dict(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
         proxy_headers=True,
+        limit_concurrency=settings.limit_concurrency,
+        timeout_keep_alive=settings.timeout_keep_alive,
+        http=functools.partial(HeaderTimeoutProtocol, header_timeout_s=settings.header_timeout_s),
     )
     if settings.workers == 1:
         uvicorn.run(app, **common)

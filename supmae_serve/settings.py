@@ -7,6 +7,7 @@ Lists (`api_keys`, `cors_origins`) are comma-separated in the environment and on
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,6 +17,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # The bundled default model: a ViT-T/4 SupMAE trained on CIFAR-10, stored as fp16 (model.json + model.safetensors).
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "cifar10_vit_tiny"
 
+# 4096 x 4096: ten times the side of the largest model input (384 px) and more than a 12 MP photo; decoding
+# such an image peaks at about 5 bytes per pixel at most (81 MiB), see docs/deployment.md "Security"
+DEFAULT_MAX_PIXELS = 4096 * 4096
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "fake")
 CommaList = Annotated[list[str], NoDecode]
 
@@ -23,13 +27,16 @@ CommaList = Annotated[list[str], NoDecode]
 class Settings(BaseSettings):
     """Every knob of `supmae-serve`. Environment: `SUPMAE_<NAME>`; command line: `--<name-with-dashes>`."""
 
-    model_config = SettingsConfigDict(env_prefix="SUPMAE_", extra="ignore", validate_default=True)
+    # hide_input_in_errors: a validation error must never print the API keys it was given
+    model_config = SettingsConfigDict(
+        env_prefix="SUPMAE_", extra="ignore", validate_default=True, hide_input_in_errors=True
+    )
 
     # --- model and backend
     model: Path = Field(
         DEFAULT_MODEL,
         description="checkpoint folder (model.safetensors + model.json) or a supmae-export folder "
-        "(manifest.json + model.json + *.onnx / *.engine); default: the bundled CIFAR-10 ViT-T/4",
+        "(manifest.json + model.json + *.onnx / *.plan); default: the bundled CIFAR-10 ViT-T/4",
     )
     export_dir: Path | None = Field(
         None,
@@ -58,7 +65,7 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(256, ge=1, description="images waiting at most; beyond it requests get 429")
     request_timeout_s: float = Field(
-        30.0, gt=0, description="per-request deadline (queue + inference) -> 504"
+        30.0, gt=0, description="per-request deadline (URL fetching, decoding, queue, inference) -> 504"
     )
     decode_threads: int = Field(4, ge=1, le=256, description="threads that decode images off the event loop")
     gpu_decode: bool = Field(True, description="decode JPEGs on the GPU (nvjpeg) when serving on CUDA")
@@ -68,7 +75,9 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=64, description="encoded size limit per image -> 413")
     max_images_per_request: int = Field(64, ge=1, description="images in one request at most -> 413")
     max_pixels: int = Field(
-        40_000_000, ge=64, description="width x height limit (decompression bombs) -> 413"
+        DEFAULT_MAX_PIXELS,
+        ge=64,
+        description="width x height limit, checked from the header before decoding (decompression bombs) -> 413",
     )
     min_side: int = Field(8, ge=1, description="smallest allowed image side -> 422")
     max_upscale: int = Field(8, ge=1, le=64, description="largest reconstruct `upscale` factor")
@@ -77,7 +86,8 @@ class Settings(BaseSettings):
     api_keys: CommaList = Field(
         default_factory=list,
         repr=False,
-        description="comma-separated Bearer tokens; empty: no authentication. /healthz, /readyz, /metrics stay public",
+        description="comma-separated Bearer tokens (visible ASCII); empty: no authentication. /healthz, /readyz, "
+        "/metrics, /docs and /openapi.json stay public; the demo is not mounted",
     )
     cors_origins: CommaList = Field(
         default_factory=list, description="comma-separated allowed CORS origins ('*' for any)"
@@ -88,7 +98,12 @@ class Settings(BaseSettings):
     url_fetch_allow_private: bool = Field(
         False, description="let URL fetching reach loopback/private/link-local addresses (off: blocked)"
     )
-    url_fetch_timeout_s: float = Field(5.0, gt=0, description="timeout of one URL fetch")
+    url_fetch_timeout_s: float = Field(
+        5.0, gt=0, description="deadline of one whole URL fetch (connecting, redirects, headers, body)"
+    )
+    url_fetch_threads: int = Field(
+        8, ge=1, le=256, description="threads that fetch URLs (their own pool: slow URLs never hold decoding)"
+    )
 
     # --- server
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 inside containers)")
@@ -100,7 +115,26 @@ class Settings(BaseSettings):
         "info", description="log level"
     )
     shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown: time to drain the queue")
-    demo: bool = Field(True, description="mount the Gradio demo at /demo (needs pip install 'supmae[demo]')")
+    # --- what one client can hold (supmae_serve/api/limits.py; a reverse proxy should add its own)
+    limit_concurrency: int = Field(
+        256, ge=1, description="connections + requests in progress at most; beyond it uvicorn answers 503"
+    )
+    timeout_keep_alive: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays open")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection must send its request head within this -> closed"
+    )
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within this -> 408")
+    max_bytes_in_flight: int = Field(
+        128 * 1024 * 1024,
+        ge=1024,
+        description="request body bytes being received or held at once, reserved from Content-Length "
+        "before reading -> 503",
+    )
+    demo: bool | None = Field(
+        None,
+        description="mount the Gradio demo at /demo (needs pip install 'supmae[demo]'); unset: only when --host "
+        "is a loopback address (a demo on a public address is opt-in: --demo)",
+    )
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
@@ -110,6 +144,19 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, keys: list[str]) -> list[str]:
+        # an HTTP header carries only visible ASCII: any other character makes a key that can never match
+        for i, key in enumerate(keys, 1):
+            if not all("!" <= c <= "~" for c in key):
+                raise ValueError(
+                    f"API key {i} of {len(keys)} has a character that is not visible ASCII (non-ASCII, a space "
+                    "or a control character), so no Authorization header can carry it; use letters, digits "
+                    "and punctuation, e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                )
+        return keys
 
     @field_validator("device")
     @classmethod
@@ -130,7 +177,26 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_image_bytes ({self.max_image_bytes}) cannot exceed max_request_bytes ({self.max_request_bytes})"
             )
+        if self.max_request_bytes > self.max_bytes_in_flight:
+            raise ValueError(
+                f"max_request_bytes ({self.max_request_bytes}) cannot exceed max_bytes_in_flight "
+                f"({self.max_bytes_in_flight}): a request of the largest size could never be received"
+            )
         return self
+
+    def demo_on(self) -> bool:
+        """Whether to mount the demo: as set, else only on a loopback address. The demo is as open as the API
+        without keys, but it is a larger surface (Gradio's routes, uploads kept on disk for a while), so a
+        server reachable from other machines gets it only when asked (docs/deployment.md, "Security")."""
+        if self.demo is not None:
+            return self.demo
+        host = self.host.strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
     # ------------------------------------------------------------------ typed views passed inward
     # (imports inside: reading settings must not load torch, so `supmae-serve --help` and uvicorn's worker

@@ -109,6 +109,15 @@ def bad_corpus() -> list[tuple[str, bytes, str, int, str | None]]:
         ("wrong-content-type", png, "text/plain", 415, "unsupported_media_type"),
         ("mislabelled-type", png, "image/jpeg", 200, None),  # decoded by content, not by label
         ("octet-stream", png, "application/octet-stream", 200, None),
+        # issue 11: these raised RecursionError and ValueError in json.loads -> 500 and a 13 KB traceback
+        ("deeply-nested-json", b"[" * 14_000, "application/json", 422, "invalid_json"),
+        (
+            "5000-digit-integer",
+            b'{"images": [], "top_k": ' + b"9" * 5000 + b"}",
+            "application/json",
+            422,
+            "invalid_json",
+        ),
     ]
 
 
@@ -372,6 +381,63 @@ def test_request_limits(client):
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        "!!!notb64",
+        "@@@@",
+        "a",
+        "abcde",
+        "QUJD+-",
+        "QU=JD",
+        "QUJD!",
+        "data:image/png;base64,@@@@",
+        "====",
+        "QQ===",
+    ],
+)
+def test_invalid_base64_is_invalid_base64_whatever_its_length(client, text):
+    """Issue 14: the URL-safe fallback dropped invalid characters, so '!!!notb64' became bytes (415) and
+    '@@@@' nothing (422 empty_image)."""
+    r = client.post("/v1/embed", json={"images": [text]})
+    err = r.json()["data"][0]["error"]
+    assert (r.status_code, err["code"]) == (422, "invalid_base64"), r.text
+    assert "not valid base64" in err["message"]
+
+
+def test_base64_in_either_alphabet_with_or_without_padding(client):
+    png = PNG + b"\xfb\xff\xfe" * 3  # bytes after IEND are ignored by decoders; they force + / - _ characters
+    standard, urlsafe = base64.b64encode(png).decode(), base64.urlsafe_b64encode(png).decode()
+    assert standard != urlsafe
+    expect = client.post("/v1/embed", content=png, headers={"content-type": "image/png"}).json()["data"][0]
+    for text in (standard, urlsafe, standard.rstrip("="), urlsafe.rstrip("=")):
+        r = client.post("/v1/embed", json={"images": [text]})
+        assert r.status_code == 200, r.text
+        assert r.json()["data"][0]["embedding"] == expect["embedding"]
+
+
+def test_client_errors_are_4xx_without_a_logged_traceback(client, caplog):
+    with caplog.at_level(logging.WARNING):
+        for _, data, ctype, status, _ in CORPUS[-2:]:
+            r = client.post("/v1/classify", content=data, headers={"content-type": ctype})
+            assert r.status_code == status, r.text
+        r = client.post(
+            "/v1/classify?top_k=" + "9" * 5000, content=PNG, headers={"content-type": "image/png"}
+        )
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_option"
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING], caplog.text
+
+
+def test_too_many_pixels_always_names_the_size(client):
+    """Issue 14: past Pillow's own bomb check (30000 x 30000) the message lacked the size; it is the same
+    message whichever check refuses the image."""
+    for w, h in ((30000, 30000), (2100, 2000)):
+        r = client.post("/v1/classify", content=_png_claiming(w, h), headers={"content-type": "image/png"})
+        err = r.json()["data"][0]["error"]
+        assert (r.status_code, err["code"]) == (413, "too_many_pixels")
+        assert err["message"] == f"image is {w}x{h} = {w * h} pixels; the limit is 4000000 pixels"
+
+
+@pytest.mark.parametrize(
     "kwargs,status,code",
     [
         (dict(content=b"{not json", headers={"content-type": "application/json"}), 422, "invalid_json"),
@@ -420,6 +486,38 @@ def test_capabilities_are_enforced_per_model():
     with fake_client(FakeBackend(fake_card(framework="supervised"))) as c:
         r = c.post("/v1/reconstruct", content=PNG, headers={"content-type": "image/png"})
         assert r.status_code == 422 and r.json()["error"]["code"] == "capability_unavailable"
+
+
+def test_a_large_response_does_not_stall_the_event_loop():
+    """Issue 11: /v1/embed?pooling=patch for 64 images (15 MB of JSON) was encoded on the event loop and
+    stalled every other request (/healthz) for as long. The loop's longest pause while such a response is
+    built must be a small part of what encoding that JSON in one go takes."""
+    import asyncio
+    import time
+
+    card = fake_card(class_names=CLASSES, embed_dim=192)  # ViT-T width, 64 patches: 64 x 64 x 192 floats
+    s = settings(max_images_per_request=64, max_request_bytes=4_000_000)
+    with TestClient(create_app(s, backend=FakeBackend(card))) as c:
+        body = {"images": [b64(encode(synthetic_image(seed=i))) for i in range(64)], "pooling": "patch"}
+        assert c.post("/v1/embed", json=body).status_code == 200  # warm
+        pauses: list[float] = []
+        stop = threading.Event()
+
+        async def watch():
+            loop = asyncio.get_running_loop()
+            while not stop.is_set():
+                t = loop.time()
+                await asyncio.sleep(0.002)
+                pauses.append(loop.time() - t - 0.002)
+
+        c.portal.start_task_soon(watch)
+        r = c.post("/v1/embed", json=body)
+        stop.set()
+        assert r.status_code == 200 and len(r.content) > 10_000_000
+        t0 = time.perf_counter()
+        json.dumps(r.json())
+        one_go = time.perf_counter() - t0
+    assert max(pauses) < one_go / 3, (max(pauses), one_go)
 
 
 # ---------------------------------------------------------------------------- timing headers and metrics
@@ -578,6 +676,63 @@ def test_api_keys(ckpt):
         assert info["auth"] is True and "key-one" not in json.dumps(info)
 
 
+def test_api_key_is_compared_with_every_key(ckpt, monkeypatch):
+    """Issue 11: any() stopped at the first matching key, so the time taken told which key matched."""
+    import hmac
+
+    compared = []
+    real = hmac.compare_digest
+
+    def counting(a, b):
+        compared.append(len(b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    with TestClient(create_app(settings(ckpt, api_keys="first-key,second,the-third-key"))) as c:
+        for token, status in (("first-key", 200), ("nope", 401), ("the-third-key", 200)):
+            compared.clear()
+            r = c.post(
+                "/v1/embed",
+                content=PNG,
+                headers={"content-type": "image/png", "authorization": f"Bearer {token}"},
+            )
+            assert r.status_code == status
+            assert len(compared) == 3 and len(set(compared)) == 1  # every key, digests of one length
+
+
+def leaky_card():
+    """A model card that records the trainer's absolute paths (as cards written before issue 14 do)."""
+    card = fake_card(class_names=CLASSES)
+    card.training = {
+        "command": "supmae-train --data ../shared/data/c10 --out /home/alice/runs/c10 --set val_data=/mnt/nas/val",
+        "config": {
+            "data": "/mnt/nas/imagenet/train",
+            "url": "https://example.com/data/x.tar",
+            "rel": "data/x",
+        },
+        "data": [{"root": "C:\\Users\\alice\\data"}],
+    }
+    return card
+
+
+def test_served_card_redacts_absolute_paths():
+    """Issue 11: /v1/info showed the training command with the trainer's absolute output path."""
+    with TestClient(create_app(settings(), backend=FakeBackend(leaky_card()))) as c:
+        info = c.get("/v1/info").json()
+    text = json.dumps(info)
+    for secret in ("/home/alice", "/mnt/nas", "alice\\\\data", "Users"):
+        assert secret not in text, secret
+    training = info["model"]["training"]
+    assert training["command"] == (
+        "supmae-train --data ../shared/data/c10 --out [redacted]/c10 --set val_data=[redacted]/val"
+    )
+    assert training["config"] == {
+        "data": "[redacted]/train",
+        "url": "https://example.com/data/x.tar",
+        "rel": "data/x",
+    }
+
+
 def test_cors(ckpt):
     with TestClient(create_app(settings(ckpt, cors_origins="https://app.example"))) as c:
         pre = {"origin": "https://app.example", "access-control-request-method": "POST"}
@@ -599,7 +754,7 @@ def test_cors(ckpt):
 
 @pytest.fixture
 def image_server():
-    """A local HTTP server (127.0.0.1) serving PNG at /img.png and a redirect at /go."""
+    """A local HTTP server (127.0.0.1) serving PNG at /img.png, a redirect at /go, 404 elsewhere."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -607,6 +762,9 @@ def image_server():
                 self.send_response(302)
                 self.send_header("Location", "/img.png")
                 self.end_headers()
+                return
+            if self.path != "/img.png":
+                self.send_error(404)
                 return
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -631,10 +789,12 @@ def test_url_inputs_are_refused_unless_enabled_and_private_addresses_blocked(ckp
         assert r.status_code == 422 and r.json()["data"][0]["error"]["code"] == "url_fetch_disabled"
     with TestClient(create_app(settings(ckpt, allow_url_fetch=True))) as c:  # on, but loopback is private
         r = c.post("/v1/embed", json={"images": [{"url": url}]})
-        assert r.status_code == 422 and r.json()["data"][0]["error"]["code"] == "url_blocked"
+        assert r.status_code == 422 and r.json()["data"][0]["error"]["code"] == "url_fetch_failed"
         r = c.post("/v1/embed", json={"images": ["http://169.254.169.254/latest/meta-data/"]})
-        assert r.json()["data"][0]["error"]["code"] in ("url_blocked", "url_fetch_failed")
+        assert r.json()["data"][0]["error"]["code"] == "url_fetch_failed"
         r = c.post("/v1/embed", json={"images": [{"url": "file:///etc/passwd"}]})
+        assert r.json()["data"][0]["error"]["code"] == "url_invalid"
+        r = c.post("/v1/embed", json={"images": [{"url": "http://a:99999/x.png"}]})  # was a "corrupt image"
         assert r.json()["data"][0]["error"]["code"] == "url_invalid"
     with TestClient(create_app(settings(ckpt, allow_url_fetch=True, url_fetch_allow_private=True))) as c:
         direct = c.post("/v1/embed", content=PNG, headers={"content-type": "image/png"}).json()["data"][0]
@@ -656,11 +816,156 @@ def test_address_policy():
         "fe80::1",
         "::ffff:127.0.0.1",
         "0.0.0.0",
+        # IPv4 inside IPv6 (issue 11): NAT64, 6to4 of 169.254.169.254, IPv4-compatible, Teredo
+        "64:ff9b::7f00:1",
+        "2002:a9fe:a9fe::",
+        "::127.0.0.1",
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+        "224.0.0.1",
     ):
         assert not address_allowed(private, False), private
         assert address_allowed(private, True)
-    for public in ("8.8.8.8", "2001:4860:4860::8888"):
+    for public in ("8.8.8.8", "2001:4860:4860::8888", "64:ff9b::808:808"):
         assert address_allowed(public, False)
+
+
+def _listener():
+    """A loopback TCP socket that counts connections (it accepts, never answers)."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.settimeout(0.2)
+    return sock
+
+
+def test_blocked_addresses_are_never_connected_to_and_every_failure_reads_the_same(image_server):
+    """Issue 11: the address was checked after connecting, so the error differed between open and closed
+    ports (a port scanner); now the name is resolved and checked first, and every failure is one answer."""
+    import socket
+
+    from supmae_serve.api.fetch import FetchPolicy, fetch_url
+    from supmae_serve.preprocess import ImageError
+
+    listener = _listener()
+    port = listener.getsockname()[1]
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    errors = []
+    for url in (f"http://127.0.0.1:{port}/", f"http://localhost:{closed_port}/", image_server + "/img.png"):
+        with pytest.raises(ImageError) as e:
+            fetch_url(url, FetchPolicy(timeout_s=2))
+        errors.append((e.value.status, e.value.code, str(e.value)))
+    with pytest.raises(OSError):
+        listener.accept()  # nothing ever connected
+    listener.close()
+    assert len(set(errors)) == 1 and errors[0][:2] == (422, "url_fetch_failed"), errors
+    # with private addresses allowed, a closed port, an error answer and no answer still read the same
+    silent = _listener()  # accepts, never answers: the deadline ends it
+    for url in (
+        f"http://127.0.0.1:{closed_port}/",
+        image_server + "/missing",
+        f"http://127.0.0.1:{silent.getsockname()[1]}/",
+    ):
+        with pytest.raises(ImageError) as e:
+            fetch_url(url, FetchPolicy(allow_private=True, timeout_s=0.5))
+        assert (e.value.code, str(e.value)) == (errors[0][1], errors[0][2])
+    silent.close()
+
+
+class _Drip(http.server.BaseHTTPRequestHandler):
+    """/body: headers at once, then one body byte every 0.2 s; /head: the header lines a byte at a time."""
+
+    def do_GET(self):
+        try:
+            if self.path == "/head":
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                for c in b"X-Slow: " + b"x" * 1000:
+                    self.wfile.write(bytes([c]))
+                    self.wfile.flush()
+                    threading.Event().wait(0.2)
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            for _ in range(100000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                threading.Event().wait(0.2)
+        except OSError:
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def drip_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path", ["/body", "/head"])
+def test_a_fetch_has_one_deadline_however_the_server_drips(drip_server, path):
+    """Issue 11: the timeout bounded each socket read, so a byte every 2 s kept a fetch going for ever."""
+    import time
+
+    from supmae_serve.api.fetch import FetchPolicy, fetch_url
+    from supmae_serve.preprocess import ImageError
+
+    out = {}
+
+    def fetch():
+        t0 = time.monotonic()
+        try:
+            fetch_url(drip_server + path, FetchPolicy(allow_private=True, timeout_s=1.0))
+        except ImageError as e:
+            out["error"] = e.code
+        out["s"] = time.monotonic() - t0
+
+    thread = threading.Thread(target=fetch, daemon=True)
+    thread.start()
+    thread.join(15)
+    assert out.get("error") == "url_fetch_failed" and out["s"] < 3.0, out
+
+
+@pytest.mark.timeout(60)
+def test_slow_urls_never_hold_the_decoding_of_other_requests(ckpt, drip_server):
+    """Issue 11: four clients pointing at a dripping server filled the decode threads and an ordinary
+    request got no answer. Fetches now have their own pool and deadline; the ordinary request answers while
+    the slow ones are still waiting for their URLs."""
+    import time
+
+    s = settings(
+        ckpt, allow_url_fetch=True, url_fetch_allow_private=True, url_fetch_timeout_s=3.0, decode_threads=2
+    )
+    with TestClient(create_app(s), raise_server_exceptions=False) as c:
+        good_request(c)  # warm
+        done: dict[str, float] = {}
+        t0 = time.monotonic()
+
+        def slow(i):
+            r = c.post("/v1/embed", json={"images": [drip_server + "/body"]})
+            assert r.json()["data"][0]["error"]["code"] == "url_fetch_failed"
+            done[f"slow{i}"] = time.monotonic() - t0
+
+        threads = [threading.Thread(target=slow, args=(i,), daemon=True) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # the four fetches are dripping
+        good_request(c)
+        done["ordinary"] = time.monotonic() - t0
+        for t in threads:
+            t.join(20)
+        assert len(done) == 5, done
+        assert done["ordinary"] < min(v for k, v in done.items() if k.startswith("slow")), done
+        assert max(done.values()) < 8, done  # every slow one ended at its deadline (3 s, waiting included)
 
 
 def test_exif_orientation_is_applied_by_the_api(client):
@@ -696,6 +1001,7 @@ def test_demo_is_mounted_over_the_batched_backend(ckpt, monkeypatch):
     with TestClient(create_app(s)) as c:
         assert c.app.state.demo_mounted and c.get("/demo").json() == {"demo": True}
         assert mounted["config"].limits == s.image_limits()  # the page applies the server's limits
+        assert mounted["config"].max_request_bytes == s.max_request_bytes
         backend = mounted["backend"]  # called from this (non-loop) thread, as Gradio's workers do
         x = to_tensor(decode_image(PNG), backend.card.preprocessing).unsqueeze(0).repeat(2, 1, 1, 1)
         assert backend.classify(x).probs.shape == (2, 10) and backend.classify(x).labels == CLASSES
@@ -724,6 +1030,9 @@ def test_demo_missing_gradio_only_warns(ckpt, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="supmae.api"):
         app = create_app(settings(ckpt, demo=True, api_keys="k"))
     assert app.state.demo_mounted is False and "cannot check them" in caplog.text
+    with caplog.at_level(logging.INFO, logger="supmae.api"):
+        app = create_app(settings(ckpt, demo=None, host="0.0.0.0"))  # the Docker image's address, no keys
+    assert app.state.demo_mounted is False and "--demo mounts it" in caplog.text
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
@@ -738,3 +1047,33 @@ def test_fp16_checkpoint_serves(tmp_path):
     save_checkpoint(tiny_model(), path, variant="micro_patch4_32", class_names=CLASSES, dtype=torch.float16)
     with TestClient(create_app(settings(path))) as c:
         good_request(c)
+
+
+def test_a_client_leaving_mid_body_is_one_log_line(client, caplog):
+    """Issue 11: every client error is a 4xx and one log line, a client gone mid-upload too."""
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    sent: list = []
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/embed",
+        "raw_path": b"/v1/embed",
+        "query_string": b"",
+        "headers": [(b"content-type", b"image/png"), (b"content-length", b"5000")],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+        "scheme": "http",
+        "root_path": "",
+        "http_version": "1.1",
+    }
+    with caplog.at_level(logging.INFO):
+        client.portal.call(client.app, scope, receive, send)
+    assert sent[0]["status"] == 400
+    assert "client went away" in caplog.text and "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -124,6 +124,22 @@ def test_demo_in_chromium_classifies_and_reconstructs_an_upload(demo_url, tmp_pa
                 page.wait_for_function("(el) => el.complete && el.naturalWidth > 0", arg=img.element_handle())
                 assert img.evaluate("el => [el.naturalWidth, el.naturalHeight]") == [256, 256]
             page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
+
+            # an example goes through the same event as an upload, past the demo's file guard (app/guard.py)
+            original = page.locator("#view-original img")
+            before = original.get_attribute("src")
+            page.locator(".gallery-item").first.click()
+            page.wait_for_function(
+                "([el, before]) => el.getAttribute('src') !== before && el.complete && el.naturalWidth > 0",
+                arg=[original.element_handle(), before],
+                timeout=30_000,
+            )
+
+            # a file that is not an image is refused by the upload route, and the page says why
+            bad = tmp_path / "notes.png"
+            bad.write_text("hello, not an image")
+            page.locator("#explore-image input[type=file]").set_input_files(str(bad))
+            page.get_by_text("not a recognised image format").first.wait_for(timeout=30_000)
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "demo-failure.png"), full_page=True)
             raise

@@ -222,6 +222,16 @@ def test_page_shows_every_view_a_full_supmae_model_can_serve(backend):
     assert examples and len(examples[0].samples) == len(example_images())
 
 
+def test_the_card_tab_redacts_absolute_paths():
+    from supmae_serve.backends.fake import FakeBackend
+
+    from .test_api import leaky_card
+
+    card = DemoService(FakeBackend(leaky_card())).card_json()["model_card"]
+    assert "/home/alice" not in str(card) and "/mnt/nas" not in str(card)
+    assert card["training"]["command"].endswith("--out [redacted]/c10 --set val_data=[redacted]/val")
+
+
 def test_views_the_model_cannot_serve_are_hidden_and_refused(checkpoints):
     mae = build_demo(load_backend(checkpoints["mae"]))  # no classification head
     assert not _component(mae, "top-classes").visible
@@ -282,12 +292,48 @@ def test_mounted_demo_serves_its_page_and_answers_over_the_gradio_api(backend, i
         assert len(label["confidences"]) == 5 and label["label"] in CLASSES
         assert len(views) == 4 and all(v["path"].endswith(".png") for v in views)
 
-        bad = tmp_path / "bad.png"
-        bad.write_bytes(encode(synthetic_image((1, 1))))
+        bad = tmp_path / "bad.png"  # a PNG header the upload route accepts, truncated image data
+        bad.write_bytes(encode(synthetic_image((32, 32)), "PNG")[:200])
         event, data = _call(client, "explore", [upload(bad), 0.75, 0])
-        assert event == "error" and "at least 8 pixels" in data
+        assert event == "error" and "corrupt or truncated" in data
         event, _ = _call(client, "explore", [upload(image_path), 0.5, 3])  # still answers after an error
         assert event == "complete"
+        tiny = client.post(
+            "/demo/gradio_api/upload", files={"files": ("t.png", encode(synthetic_image((1, 1))))}
+        )
+        assert tiny.status_code == 422 and "at least 8 pixels" in tiny.text  # refused before it is stored
+
+
+def test_gradios_own_upload_check_is_on_in_a_mounted_demo(backend, tmp_path):
+    """Defence in depth (issue 11): with the HTTP guard taken away, Gradio's own check still refuses a file
+    that was not uploaded, because mount_demo sets the `has_launched` flag that check waits for."""
+    from fastapi.testclient import TestClient
+
+    from app.guard import DemoGuard
+
+    app = create_demo_app(backend)
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not DemoGuard]
+    elsewhere = tmp_path / "elsewhere.png"
+    synthetic_image((40, 40)).save(elsewhere)
+    with TestClient(app) as client:
+        event, data = _call(
+            client, "explore", [{"path": str(elsewhere), "meta": {"_type": "gradio.FileData"}}, 0.75, 0]
+        )
+    assert event == "error", data
+
+
+def test_upload_quota_and_limits_follow_the_config(backend):
+    from fastapi.testclient import TestClient
+
+    png = encode(synthetic_image((32, 32)))
+    config = DemoConfig(upload_quota_bytes=len(png) * 3, max_request_bytes=len(png) + 10_000)
+    with TestClient(create_demo_app(backend, config=config)) as client:
+        for _ in range(2):
+            assert client.post("/demo/gradio_api/upload", files={"files": ("a.png", png)}).status_code == 200
+        r = client.post("/demo/gradio_api/upload", files={"files": ("a.png", png)})
+        assert r.status_code == 429 and "upload_quota" in r.text and r.headers["retry-after"]
+        big = client.post("/demo/gradio_api/upload", files={"files": ("b.png", png + b"\0" * 20_000)})
+        assert big.status_code == 413 and "request_too_large" in big.text
 
 
 def test_uploads_over_the_byte_limit_are_refused_by_the_page(backend):
@@ -316,6 +362,7 @@ def test_cli_builds_the_demo_app_from_a_checkpoint(checkpoints, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
     assert main(["--checkpoint", str(checkpoints["supmae"]), "--device", "cpu", "--port", "7999"]) == 0
     assert (served["host"], served["port"]) == ("127.0.0.1", 7999)
+    assert served["limit_concurrency"] == 256 and served["http"].keywords == {"header_timeout_s": 10.0}
     with TestClient(served["app"]) as client:
         assert client.get("/demo/").status_code == 200
 

@@ -16,6 +16,7 @@ from supmae_serve.preprocess import (
     denormalize,
     load_images,
     resize_crop,
+    resize_side,
     to_tensor,
 )
 
@@ -129,3 +130,152 @@ def test_decompression_bomb_rejected_before_decoding():
 def test_load_images_batch():
     x = load_images([encode(synthetic_image((50, 40), seed=i)) for i in range(3)], PREP32)
     assert x.shape == (3, 3, 32, 32)
+
+
+# ---------------------------------------------------------------------------- hardening (issue 11, 14)
+@pytest.mark.parametrize("fmt", ["ICO", "TGA", "PCX", "SGI", "PPM", "DDS", "IM"])
+def test_only_the_advertised_formats_are_decoded(fmt):
+    data = encode(synthetic_image((32, 32)), fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # Pillow itself would decode it
+    with pytest.raises(ImageError) as e:
+        decode_image(data)
+    assert (e.value.status, e.value.code) == (415, "unsupported_format")
+    assert "JPEG, PNG, WebP, GIF, BMP, TIFF" in str(e.value)
+
+
+def test_eps_never_reaches_ghostscript(monkeypatch):
+    from PIL import EpsImagePlugin
+
+    calls = []
+
+    def ghostscript(*args, **kwargs):  # what would run the file's PostScript where Ghostscript is installed
+        calls.append(args)
+        raise OSError("ghostscript must not run")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: True)
+    data = encode(synthetic_image((32, 32)), "EPS")
+    with pytest.raises(ImageError) as e:
+        decode_image(data)
+    assert e.value.code == "unsupported_format" and calls == []
+
+
+@pytest.mark.parametrize(("w", "h"), [(30000, 30000), (20000, 3000), (7000, 7000)])
+def test_too_many_pixels_names_the_size_even_past_pillows_own_check(w, h):
+    # 30000 x 30000 is over twice Pillow's MAX_IMAGE_PIXELS: Pillow refuses it before saying its size
+    with pytest.raises(ImageError) as e:
+        decode_image(_png_claiming(w, h))
+    assert (e.value.status, e.value.code) == (413, "too_many_pixels")
+    assert str(e.value) == f"image is {w}x{h} = {w * h} pixels; the limit is 40000000 pixels"
+
+
+def test_webp_counts_four_times_against_the_pixel_limit():
+    """Pillow decodes WebP at about 16 bytes per pixel (libwebp's animation decoder), 4x the other formats."""
+    img = synthetic_image((100, 100))
+    limits = ImageLimits(max_pixels=30_000)
+    assert decode_image(encode(img, "PNG"), limits).size == (100, 100)
+    with pytest.raises(ImageError) as e:
+        decode_image(encode(img, "WEBP"), limits)
+    assert e.value.code == "too_many_pixels"
+    assert str(e.value).startswith(
+        "image is 100x100 = 10000 pixels; the limit is 7500 pixels for WEBP images"
+    )
+
+
+def test_large_images_are_shrunk_while_decoding_to_what_the_model_needs():
+    prep = Preprocessing(image_size=32, crop_pct=1.0)
+    big = synthetic_image((1000, 600), seed=7)
+    for fmt in ("PNG", "JPEG"):
+        img = decode_image(encode(big, fmt), shrink_to=resize_side(prep))
+        assert img.mode == "RGB" and 96 <= min(img.size) < 192  # >= 3 x the resize side, never less
+        assert abs(img.size[0] / img.size[1] - 1000 / 600) < 0.02
+    assert decode_image(encode(big)).size == (1000, 600)  # no shrink_to: the full image
+    # the model input barely changes: the resize of the shrunk image vs of the full one (grey levels)
+    yy, xx = np.mgrid[0:1201, 0:3003]
+    grey = (xx * 200 // 3002 + 40 * np.sin(xx / 60.0) + yy * 15 // 1200).astype(np.uint8)
+    smooth = Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
+    for fmt in ("PNG", "JPEG"):
+        data = encode(smooth, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+        full = to_tensor(decode_image(data), prep)
+        shrunk = load_images([data], prep)[0]
+        assert (full - shrunk).abs().max() * 0.229 * 255 <= 4, fmt
+
+
+def test_every_mode_survives_shrinking():
+    prep = Preprocessing(image_size=32, crop_pct=1.0)
+    i16 = Image.fromarray(np.full((300, 400), 65535, dtype=np.uint16))
+    pal = Image.new("P", (400, 300), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    for img, kw, pixel in [
+        (Image.new("RGBA", (400, 300), (255, 0, 0, 0)), {}, (255, 255, 255)),  # transparent -> white
+        (pal, {"transparency": 0}, (10, 200, 30)),
+        (i16, {}, (255, 255, 255)),
+        (Image.new("LA", (400, 300), (0, 255)), {}, (0, 0, 0)),
+        (Image.new("1", (400, 300), 1), {}, (255, 255, 255)),
+        (Image.new("CMYK", (400, 300), (0, 0, 0, 0)), {}, (255, 255, 255)),
+    ]:
+        fmt = "JPEG" if img.mode == "CMYK" else "PNG"
+        out = decode_image(encode(img, fmt, **kw), shrink_to=resize_side(prep))
+        assert out.mode == "RGB" and out.size[0] < 400, img.mode
+        assert all(abs(a - b) <= 2 for a, b in zip(out.getpixel((5, 5)), pixel, strict=True)), img.mode
+
+
+def test_exif_orientation_survives_shrinking():
+    img = Image.new("RGB", (400, 200), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 100, 200))  # white left quarter
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    for fmt in ("JPEG", "PNG"):
+        out = decode_image(encode(img, fmt, exif=exif.tobytes()), shrink_to=32)
+        assert out.size[0] < out.size[1]  # portrait after rotation
+        assert np.asarray(out)[2, out.size[0] // 2].mean() > 200, fmt  # the white strip is now at the top
+
+
+def _peak_rss_of(fn, timeout_s: float = 60.0) -> int:
+    """Bytes the resident set grows by while `fn()` runs, measured in a forked child (which starts with this
+    process's memory mapped, so only what `fn` allocates counts; Pillow's buffers are invisible to
+    tracemalloc)."""
+    import os
+    import resource
+    import time
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: measure, report, leave without running any cleanup of the parent's
+        try:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            fn()
+            os.write(
+                write, str((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024).encode()
+            )
+        finally:
+            os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + timeout_s
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail(f"decoding took more than {timeout_s} s")
+        time.sleep(0.02)
+    with os.fdopen(read) as f:
+        return int(f.read() or -1)
+
+
+@pytest.mark.slow
+def test_decode_memory_of_a_tiny_16_bit_png_of_40_megapixels():
+    """Issue 11: a 77 KB 16-bit greyscale PNG of 6320 x 6320 pixels cost a gigabyte (float64 copies); now the
+    peak is the decoded image itself (2 bytes per pixel) and a 1-byte-per-pixel 8-bit copy."""
+    arr = np.zeros((6320, 6320), dtype=np.uint16)
+    arr[::7] = 40000
+    data = encode(Image.fromarray(arr), compress_level=9)
+    del arr
+    assert len(data) < 100_000
+    pixels = 6320 * 6320
+    limits = ImageLimits(max_pixels=40_000_000)
+    peak = _peak_rss_of(lambda: load_images([data], PREP32, limits))
+    assert 0 < peak < 3.5 * pixels, (
+        f"decoding took {peak / 2**20:.0f} MiB ({peak / pixels:.1f} bytes per pixel)"
+    )
+    with pytest.raises(ImageError, match="image is 6320x6320 = 39942400 pixels; the limit is 16777216"):
+        decode_image(data, ImageLimits(max_pixels=16_777_216))  # the server's default refuses it unread

@@ -257,10 +257,19 @@ def test_every_setting_has_a_flag_and_no_flag_is_unexplained():
     assert flags == set(Settings.model_fields) | set(EXTRA_FLAGS)
 
 
+def test_help_texts_say_what_the_flags_do():
+    """Issue 14: --api-keys left /docs out of the public routes, --model named engines *.engine, --check
+    claimed to print /v1/info."""
+    helps = {a.dest: a.help for a in build_parser()._actions}
+    assert "/docs" in helps["api_keys"] and "/healthz" in helps["api_keys"]
+    assert "*.plan" in helps["model"] and ".engine" not in helps["model"]
+    assert "{ready, backend, model}" in helps["check"] and "/v1/info" not in helps["check"]
+
+
 def test_flags_env_and_defaults(monkeypatch):
     monkeypatch.delenv("SUPMAE_PORT", raising=False)
     s, _ = parse_settings([])
-    assert s.model == DEFAULT_MODEL and s.demo is True and s.backend == "auto" and s.api_keys == []
+    assert s.model == DEFAULT_MODEL and s.demo is None and s.backend == "auto" and s.api_keys == []
     monkeypatch.setenv("SUPMAE_PORT", "9001")
     monkeypatch.setenv("SUPMAE_API_KEYS", "a,b")
     s, _ = parse_settings(["--max-batch-size", "8", "--no-demo", "--cors-origins", "https://x.example"])
@@ -273,6 +282,22 @@ def test_flags_env_and_defaults(monkeypatch):
     )
     s, _ = parse_settings(["--port", "9002", "--api-keys", "c"])
     assert s.port == 9002 and s.api_keys == ["c"]  # flags win over the environment
+
+
+def test_the_demo_is_on_by_default_only_on_a_loopback_address(monkeypatch):
+    """Issue 11: a server listening on a public address without API keys (the Docker image) served the demo
+    to anyone; it is now opt-in there."""
+    for host, on in (
+        ("127.0.0.1", True),
+        ("localhost", True),
+        ("::1", True),
+        ("0.0.0.0", False),
+        ("::", False),
+    ):
+        assert Settings(host=host).demo_on() is on, host
+        assert Settings(host=host, demo=True).demo_on() and not Settings(host=host, demo=False).demo_on()
+    monkeypatch.setenv("SUPMAE_HOST", "0.0.0.0")
+    assert not parse_settings([])[0].demo_on() and parse_settings(["--demo"])[0].demo_on()
 
 
 def test_settings_survive_the_trip_to_worker_processes(monkeypatch, tmp_path):
@@ -296,6 +321,17 @@ def test_invalid_settings_and_missing_model_exit_2(tmp_path, capsys):
     assert main(["--device", "tpu"]) == 2
     assert main(["--model", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("keys", ["ok-key,clé-secrète", "has space", "tab\there"])
+def test_keys_no_header_can_carry_are_refused_at_start(keys, capsys):
+    """Issue 11: a key with a non-ASCII character could never match; say so at start-up, without the key."""
+    assert main(["--api-keys", keys, "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "not visible ASCII" in err and keys.split(",")[-1] not in err
+    with pytest.raises(ValueError, match="not visible ASCII") as e:
+        Settings(api_keys=keys)
+    assert keys.split(",")[-1] not in str(e.value)
 
 
 def test_check_loads_and_reports(tmp_path, capsys):

@@ -23,8 +23,9 @@ from supmae_serve.model import load_model_card
 from supmae_serve.settings import Settings
 
 from .errors import install_error_handlers
+from .limits import ClientLimits
 from .metrics import MetricsMiddleware
-from .routes import aliases, health, v1
+from .routes import ApiKeys, aliases, health, v1
 from .service import InferenceService
 
 log = logging.getLogger("supmae.api")
@@ -70,8 +71,9 @@ def mount_demo(app: FastAPI, service: InferenceService) -> bool:
             log.warning("the demo is not available (%s); serving the API without /demo", e)
         return False
     try:
-        # the page enforces the server's image limits, not the demo's stand-alone defaults
-        config = DemoConfig(limits=service.settings.image_limits())
+        # the page enforces the server's image and request limits, not the demo's stand-alone defaults
+        s = service.settings
+        config = DemoConfig(limits=s.image_limits(), max_request_bytes=s.max_request_bytes)
         _mount(app, service.facade(), path="/demo", config=config)
     except ModuleNotFoundError as e:
         log.warning(
@@ -110,6 +112,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     )
     app.state.service = service
     app.state.settings = settings
+    app.state.api_keys = ApiKeys(settings.api_keys)
     install_error_handlers(app)
     app.include_router(health)
     app.include_router(v1)
@@ -128,8 +131,20 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                 "X-Request-ID",
             ],
         )
+    if settings.demo is None and not settings.demo_on():
+        log.info(
+            "not mounting the demo: --host %s is not a loopback address (--demo mounts it)", settings.host
+        )
+    app.state.demo_mounted = mount_demo(app, service) if settings.demo_on() else False
+    # the last added is the outermost: metrics count everything, the client limits act before any body is
+    # read, then the demo's guard (added by mount_demo), CORS and the routes
+    app.add_middleware(
+        ClientLimits,
+        max_bytes_in_flight=settings.max_bytes_in_flight,
+        max_request_bytes=settings.max_request_bytes,
+        body_timeout_s=settings.body_timeout_s,
+    )
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
-    app.state.demo_mounted = mount_demo(app, service) if settings.demo else False
     if settings.api_keys:
         _declare_bearer_auth(app)
     return app

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger("supmae.api")
 
@@ -69,6 +70,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             error_body(422, "invalid_request", text or "invalid request", details=details), 422
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect):
+        # the client closed the connection while its body was being read: nobody to answer, no traceback
+        log.info("client went away during %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(400, "client_disconnected", "the client closed the connection"), 400)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -32,7 +32,7 @@ def decode_jpeg_gpu(
     if not data.startswith(b"\xff\xd8") or len(data) > limits.max_bytes:
         return None
     try:
-        with Image.open(io.BytesIO(data)) as img:  # header only
+        with Image.open(io.BytesIO(data), formats=["JPEG"]) as img:  # header only
             if img.format != "JPEG" or img.mode not in ("RGB", "L"):
                 return None
             w, h = img.size

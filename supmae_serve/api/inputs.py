@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,11 @@ from .errors import ApiError
 
 ACCEPTED = "multipart/form-data (image files), application/json (base64 or data URIs) or an image/* body"
 IMAGE_KEYS = ("images", "image")
+# base64 in either alphabet (RFC 4648 standard, or URL-safe), never a mix, padding optional
+_BASE64 = {
+    b"+/": re.compile(r"[A-Za-z0-9+/]*={0,2}"),
+    b"-_": re.compile(r"[A-Za-z0-9_-]*={0,2}"),
+}
 
 
 @dataclass(frozen=True)
@@ -106,16 +112,33 @@ def decode_base64(text: str, limits: RequestLimits, name: str) -> RawImage:
                 "image_too_large",
             ),
         )
-    try:
-        data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        try:
-            data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        except (binascii.Error, ValueError):
-            return RawImage(
-                name=name, error=ImageError("not valid base64 (nor a data URI)", 422, "invalid_base64")
-            )
+    data = _b64decode(text)
+    if data is None:
+        return RawImage(
+            name=name,
+            error=ImageError(
+                "not valid base64: use the standard (A-Z a-z 0-9 + /) or the URL-safe (A-Z a-z 0-9 - _) "
+                "alphabet, optionally padded with '=', or a data URI (data:image/png;base64,...)",
+                422,
+                "invalid_base64",
+            ),
+        )
     return RawImage(data=data, name=name)
+
+
+def _b64decode(text: str) -> bytes | None:
+    """Strict base64 of either alphabet -> bytes; None when `text` is not base64 (a character outside the
+    alphabet, both alphabets mixed, or a length no encoder produces). Nothing is silently dropped."""
+    for altchars, pattern in _BASE64.items():
+        if pattern.fullmatch(text):
+            body = text.rstrip("=")
+            if len(body) % 4 == 1:
+                return None
+            try:
+                return base64.b64decode(body + "=" * (-len(body) % 4), altchars=altchars, validate=True)
+            except (binascii.Error, ValueError):
+                return None
+    return None
 
 
 def _json_item(value: Any, index: int, limits: RequestLimits) -> RawImage:
@@ -160,7 +183,9 @@ async def parse_request(request: Request, limits: RequestLimits) -> ParsedReques
 def _parse_json(body: bytes, limits: RequestLimits) -> ParsedRequest:
     try:
         doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError as e:
+        raise ApiError(422, "invalid_json", "request body is not valid JSON (nested too deeply)") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
         raise ApiError(422, "invalid_json", f"request body is not valid JSON ({e})") from e
     if isinstance(doc, list):
         doc = {"images": doc}

@@ -9,9 +9,12 @@ image succeeded, otherwise the items' shared status (422 when they differ).
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
 import hmac
 import io
+import json
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Annotated, Any
@@ -27,6 +30,7 @@ from supmae_serve import __version__
 from supmae_serve.backends.base import CapabilityError, check_pooling
 from supmae_serve.batching import BatcherClosedError, QueueFullError, RequestTimeout
 from supmae_serve.preprocess import ImageError, to_pil
+from supmae_serve.redact import redact_paths
 
 from .errors import ApiError
 from .inputs import parse_request
@@ -50,11 +54,29 @@ async def get_service(request: Request) -> InferenceService:
 Service = Annotated[InferenceService, Depends(get_service)]
 
 
+class ApiKeys:
+    """The configured Bearer keys, checked in constant time: the SHA-256 of the given token is compared with
+    that of every key, with no early exit, so timing tells neither which key matched nor how long keys are."""
+
+    def __init__(self, keys: list[str]):
+        self._digests = [hashlib.sha256(k.encode("ascii")).digest() for k in keys]  # ASCII: settings check
+
+    def __bool__(self) -> bool:
+        return bool(self._digests)
+
+    def valid(self, token: str) -> bool:
+        given = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        match = False
+        for digest in self._digests:
+            match |= hmac.compare_digest(given, digest)
+        return match
+
+
 async def require_api_key(request: Request) -> None:
     """Bearer API keys, when configured. One dependency without sub-dependencies: FastAPI resolves it on every
     request, and nested ones (HTTPBearer, the service) cost more than the check. The OpenAPI document declares
     the bearer scheme (`app.py`)."""
-    keys = request.app.state.service.settings.api_keys
+    keys: ApiKeys = request.app.state.api_keys
     if not keys:
         return
     challenge = {"WWW-Authenticate": "Bearer"}
@@ -66,8 +88,7 @@ async def require_api_key(request: Request) -> None:
             "this server needs an API key: send 'Authorization: Bearer <key>'",
             challenge,
         )
-    given = token.strip().encode()
-    if not any(hmac.compare_digest(given, k.encode()) for k in keys):  # constant time, every key
+    if not keys.valid(token.strip()):
         raise ApiError(401, "invalid_api_key", "the API key is not valid", challenge)
 
 
@@ -118,17 +139,21 @@ async def _run(
     except CapabilityError as e:
         raise ApiError(422, "capability_unavailable", str(e)) from e
     key = make_key(opts)
+    timeout_s = service.settings.request_timeout_s  # one deadline: fetching, decoding, queue and inference
+    deadline = asyncio.get_running_loop().time() + timeout_s
     try:
         service.check_capacity(len(parsed.items))  # before spending CPU on decoding
-        prepared = await service.prepare(parsed.items)
+        prepared = await asyncio.wait_for(service.prepare(parsed.items), timeout_s)
         good = [(i, x) for i, x in enumerate(prepared) if isinstance(x, torch.Tensor)]
-        results = await service.infer(key, [(x, seed_of(opts)) for _, x in good]) if good else []
+        remaining = max(deadline - asyncio.get_running_loop().time(), 0.001)
+        payloads = [(x, seed_of(opts)) for _, x in good]
+        results = await service.infer(key, payloads, remaining) if good else []
     except QueueFullError as e:
         raise ApiError(429, "queue_full", str(e), {"Retry-After": str(e.retry_after_s)}) from e
     except BatcherClosedError as e:
         raise ApiError(503, "unavailable", f"not accepting work: {e}", {"Retry-After": "5"}) from e
-    except RequestTimeout as e:
-        raise ApiError(504, "timeout", str(e)) from e
+    except (RequestTimeout, asyncio.TimeoutError) as e:
+        raise ApiError(504, "timeout", f"no result within the request timeout of {timeout_s:g} s") from e
     except CapabilityError as e:
         raise ApiError(422, "capability_unavailable", str(e)) from e
     task = capability
@@ -137,11 +162,6 @@ async def _run(
     for i, x in enumerate(prepared):
         if isinstance(x, ImageError):
             items[i] = _error_item(i, x)
-    rendered = await service.run_blocking(
-        lambda: [render(opts, i, r.value, x) for (i, x), r in zip(good, results, strict=True)]
-    )
-    for (i, _), item in zip(good, rendered, strict=True):
-        items[i] = item
     m = service.metrics
     m.images.labels(task, "ok").inc(len(good))
     m.images.labels(task, "error").inc(len(prepared) - len(good))
@@ -155,14 +175,37 @@ async def _run(
             "X-Inference-Time-Ms": f"{inference_ms:.2f}",
             "X-Batch-Size": str(max(r.batch_size for r in results)),
         }
-    body = {
-        "object": "list",
-        "model": service.card.variant or service.card.framework,
-        **header(opts),
-        "data": items,
-        "usage": {"images": len(items), "succeeded": len(good), "failed": len(items) - len(good)},
-    }
-    return JSONResponse(body, _status(items), headers=headers)
+
+    def body() -> bytes:  # rendering and JSON encoding: CPU work for a thread, not the event loop
+        for (i, x), r in zip(good, results, strict=True):
+            items[i] = render(opts, i, r.value, x)
+        return _json(
+            {
+                "object": "list",
+                "model": service.card.variant or service.card.framework,
+                **header(opts),
+                "data": items,
+                "usage": {"images": len(items), "succeeded": len(good), "failed": len(items) - len(good)},
+            }
+        )
+
+    content = await service.run_blocking(body)
+    return Response(content, _status(items), headers=headers, media_type="application/json")
+
+
+def _json(body: dict) -> bytes:
+    """`body` as JSONResponse would encode it, one `data` item per json.dumps call: a call holds the GIL for
+    its whole run, so one call over a 15 MB body (64 images' patch tokens) would stall the event loop for as
+    long; between items the loop's thread gets its turn."""
+
+    def dumps(value) -> str:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+    fields = [
+        f"{dumps(k)}:[{','.join(map(dumps, v))}]" if k == "data" else f"{dumps(k)}:{dumps(v)}"
+        for k, v in body.items()
+    ]
+    return ("{" + ",".join(fields) + "}").encode()
 
 
 # ---------------------------------------------------------------------------- rendering per task
@@ -322,7 +365,7 @@ async def info(service: Service) -> dict:
     backend = asdict(service.backend_info) if service.backend_info else None
     return {
         "version": __version__,
-        "model": service.card.to_dict(),
+        "model": redact_paths(service.card.to_dict()),  # not the trainer's directory layout
         "backend": backend,
         "device": backend["device"] if backend else None,
         "precision": backend["precision"] if backend else None,

@@ -29,10 +29,10 @@ from supmae_serve.backends.base import (
 )
 from supmae_serve.batching import ItemResult, MicroBatcher
 from supmae_serve.model import ModelCard
-from supmae_serve.preprocess import ImageError, decode_image, to_tensor
+from supmae_serve.preprocess import ImageError, decode_image, resize_side, to_tensor
 from supmae_serve.settings import Settings
 
-from .fetch import FetchPolicy, fetch_url
+from .fetch import FETCH_FAILED, FetchPolicy, fetch_url
 from .inputs import RawImage, RequestLimits
 from .metrics import ServiceMetrics
 
@@ -86,6 +86,8 @@ class InferenceService:
         )
         self.batch_config = settings.batch_config()
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="supmae-decode")
+        # URL fetches wait on the network: their own bounded pool, so slow URLs never hold the decode threads
+        self.fetch_pool = ThreadPoolExecutor(settings.url_fetch_threads, thread_name_prefix="supmae-fetch")
         self.batcher: MicroBatcher | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.loaded = backend is not None
@@ -142,6 +144,7 @@ class InferenceService:
         if self.batcher is not None:
             await self.batcher.close(drain=True, timeout=self.settings.shutdown_timeout_s)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.fetch_pool.shutdown(wait=False, cancel_futures=True)
         close = getattr(self.backend, "close", None)
         if callable(close) and not self._injected:
             close()
@@ -180,38 +183,56 @@ class InferenceService:
 
     # ------------------------------------------------------------------ decoding
     def _prepare_one(self, raw: RawImage) -> torch.Tensor | ImageError:
-        """RawImage -> normalised (3, S, S) tensor, or the ImageError that says why not (never raises)."""
+        """RawImage with bytes -> normalised (3, S, S) tensor, or the ImageError that says why not (never raises)."""
         try:
             if raw.error is not None:
                 return raw.error
             data = raw.data
-            if raw.url is not None:
-                if not self.settings.allow_url_fetch:
-                    return ImageError(
-                        "fetching image URLs is disabled on this server; send the image itself "
-                        "(multipart file, image/* body, base64 or data URI)",
-                        422,
-                        "url_fetch_disabled",
-                    )
-                data = fetch_url(raw.url, self.fetch_policy)
             if self.gpu_decode_device is not None:
                 from .gpu_decode import decode_jpeg_gpu
 
                 x = decode_jpeg_gpu(data, self.limits, self.card.preprocessing, self.gpu_decode_device)
                 if x is not None:
                     return x
-            return to_tensor(decode_image(data, self.limits), self.card.preprocessing)
+            prep = self.card.preprocessing
+            return to_tensor(decode_image(data, self.limits, resize_side(prep)), prep)
         except ImageError as e:
             return e
         except Exception as e:  # noqa: BLE001 - a bad input must fail its item, never the request
             log.warning("unexpected error decoding %s: %r", raw.name, e)
             return ImageError(f"cannot decode this image: {type(e).__name__}: {e}", 422, "corrupt_image")
 
-    async def prepare(self, items: list[RawImage]) -> list[torch.Tensor | ImageError]:
+    async def _fetch(self, raw: RawImage) -> RawImage:
+        """A URL item -> the same item with the fetched bytes, or with the error (never raises)."""
+        if not self.settings.allow_url_fetch:
+            return RawImage(
+                name=raw.name,
+                error=ImageError(
+                    "fetching image URLs is disabled on this server; send the image itself "
+                    "(multipart file, image/* body, base64 or data URI)",
+                    422,
+                    "url_fetch_disabled",
+                ),
+            )
         loop = asyncio.get_running_loop()
-        out = await asyncio.gather(
-            *(loop.run_in_executor(self.decode_pool, self._prepare_one, r) for r in items)
-        )
+        policy = self.fetch_policy
+        try:  # the fetch has its own deadline; this one also covers waiting for a free fetch thread
+            fetch = loop.run_in_executor(self.fetch_pool, fetch_url, raw.url, policy)
+            return RawImage(data=await asyncio.wait_for(fetch, policy.timeout_s + 0.5), name=raw.name)
+        except ImageError as e:
+            return RawImage(name=raw.name, error=e)
+        except Exception as e:  # noqa: BLE001 - a timeout waiting for a fetch thread, or a bug: the item fails
+            log.info("URL fetch failed (%s): %r", raw.url[:200], e)
+            return RawImage(name=raw.name, error=ImageError(FETCH_FAILED, 422, "url_fetch_failed"))
+
+    async def _prepare(self, raw: RawImage) -> torch.Tensor | ImageError:
+        if raw.error is None and raw.url is not None:
+            raw = await self._fetch(raw)
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, self._prepare_one, raw)
+
+    async def prepare(self, items: list[RawImage]) -> list[torch.Tensor | ImageError]:
+        """Fetch (URL items) and decode every item; the caller bounds it with the request's deadline."""
+        out = await asyncio.gather(*(self._prepare(r) for r in items))
         for r in out:
             if isinstance(r, ImageError):
                 self.metrics.image_errors.labels(r.code).inc()
@@ -231,12 +252,15 @@ class InferenceService:
             raise BatcherClosedError("the model is not loaded yet")
         self.batcher.check_capacity(n)
 
-    async def infer(self, key: tuple, payloads: list[tuple[torch.Tensor, int | None]]) -> list[ItemResult]:
+    async def infer(
+        self, key: tuple, payloads: list[tuple[torch.Tensor, int | None]], timeout_s: float | None = None
+    ) -> list[ItemResult]:
+        """Queue + inference, within `timeout_s` (default: the batcher's request timeout)."""
         if self.batcher is None:
             from supmae_serve.batching import BatcherClosedError
 
             raise BatcherClosedError("the model is not loaded yet")
-        return await self.batcher.submit(key, payloads)
+        return await self.batcher.submit(key, payloads, timeout_s)
 
     def facade(self) -> BatchedBackend:
         return BatchedBackend(self)
