@@ -36,23 +36,20 @@ _ALTERNATIVES = re.compile(r"\{([^{}]*,[^{}]*)\}")
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """`shards-{000..002}.tar` -> the three names (zero padding kept); `{a,b}` -> each alternative."""
-    m = _RANGE.search(pattern)
-    if m:
+    """`shards-{000..002}.tar` -> the three names (zero padding kept); `{a,b}` -> each alternative. The
+    leftmost group varies slowest, as in webdataset's braceexpand."""
+    groups = [m for m in (_RANGE.search(pattern), _ALTERNATIVES.search(pattern)) if m]
+    if not groups:
+        return [pattern]
+    m = min(groups, key=lambda g: g.start())
+    if m.re is _RANGE:
         lo, hi = m.group(1), m.group(2)
         width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
         step = 1 if int(hi) >= int(lo) else -1
-        out = []
-        for i in range(int(lo), int(hi) + step, step):
-            out += expand_braces(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end() :])
-        return out
-    m = _ALTERNATIVES.search(pattern)
-    if m:
-        out = []
-        for alt in m.group(1).split(","):
-            out += expand_braces(pattern[: m.start()] + alt + pattern[m.end() :])
-        return out
-    return [pattern]
+        values = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+    else:
+        values = m.group(1).split(",")
+    return [name for v in values for name in expand_braces(pattern[: m.start()] + v + pattern[m.end() :])]
 
 
 @dataclass(frozen=True)

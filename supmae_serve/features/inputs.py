@@ -158,8 +158,11 @@ def _list_file(spec: str) -> Inputs:
         labelled |= bool(label)
         p = Path(path_text)
         p = p if p.is_absolute() else root / p
-        ident = path_text if Path(path_text).is_absolute() else _rel_id(Path(os.path.normpath(p)), root)
-        items.append(InputItem(id=ident, label=label or None, source=str(p), path=str(p)))
+        items.append(
+            InputItem(
+                id=_rel_id(Path(os.path.normpath(p)), root), label=label or None, source=str(p), path=str(p)
+            )
+        )
     return Inputs(items, "list", spec, str(root), "list column 2" if labelled else "none")
 
 
