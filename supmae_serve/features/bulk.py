@@ -53,7 +53,7 @@ from .featureset import (
     now_iso,
 )
 from .identity import model_identity
-from .inputs import InputItem, Inputs, list_inputs
+from .inputs import InputItem, Inputs, default_workers, list_inputs
 
 log = logging.getLogger("supmae.embed")
 
@@ -62,11 +62,6 @@ WAIT_POLL_S = 0.5
 
 class EmbedError(RuntimeError):
     """The bulk job cannot go on (a bad input under --strict, other processes that never finish)."""
-
-
-def default_workers() -> int:
-    """Decoding processes: one core fewer than the machine has (the model needs one), 1 to 8."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 @dataclass(frozen=True)
@@ -277,6 +272,7 @@ class _Chunk:
     size: int
     started: str = field(default_factory=now_iso)
     t0: float = field(default_factory=time.perf_counter)
+    wall0: float = field(default_factory=time.time)
     seen: int = 0
     rows: list[int] = field(default_factory=list)  # item indices, in order
     vectors: list[np.ndarray] = field(default_factory=list)
@@ -302,6 +298,7 @@ def _embed_chunks(
     """Embed and commit `todo`'s chunks; returns the number of inputs processed."""
     info = backend.info()
     prep = backend.card.preprocessing
+    loop_start = time.time()
     # normalise where the model runs: torch on a GPU gets uint8 batches (4x less to copy)
     device = torch.device(info.device) if info.name == "torch" else torch.device("cpu")
     sampler = ChunkBatches(todo, cfg.shard_size, len(inputs), cfg.batch_size)
@@ -347,7 +344,7 @@ def _embed_chunks(
             if bar is not None:
                 bar.update(len(b["indices"]))
             if current.seen == current.size:
-                _commit(cfg, writer, items, current, part)
+                _commit(writer, items, current, part, loop_start)
                 current = None
     finally:
         if bar is not None:
@@ -356,7 +353,7 @@ def _embed_chunks(
 
 
 def _commit(
-    cfg: EmbedConfig, writer: FeatureSetWriter, items: list[InputItem], c: _Chunk, part: DistPart
+    writer: FeatureSetWriter, items: list[InputItem], c: _Chunk, part: DistPart, loop_start: float
 ) -> None:
     dim = writer.dim
     emb = np.concatenate(c.vectors) if c.vectors else np.zeros((0, dim), np.float32)
@@ -372,6 +369,10 @@ def _commit(
             "inputs": c.size,
             "started": c.started,
             "seconds": round(time.perf_counter() - c.t0, 3),
+            # epoch seconds, for per-process spans (benchmarks/embed_throughput.py)
+            "loop_start": loop_start,
+            "t_start": c.wall0,
+            "t_end": time.time(),
             "rank": part.rank,
             "world_size": part.world_size,
         },

@@ -23,21 +23,23 @@ import shlex
 import sys
 from pathlib import Path
 
-from supmae_serve.backends import BackendError
 from supmae_serve.common.files import DataError
-from supmae_serve.model import CheckpointError
-from supmae_serve.preprocess import ImageLimits
 from supmae_serve.settings import BACKENDS, DEFAULT_MODEL
 
 SUBCOMMANDS = ("run", "index", "search")
+# the server's image limits (supmae_serve.preprocess.ImageLimits), spelled out so that `supmae-embed index`
+# starts without importing torch
+LIMIT_DEFAULTS = {"max_bytes": 10 * 1024 * 1024, "max_pixels": 40_000_000, "min_side": 8}
 
 
-def _limits(args) -> ImageLimits:
+def _limits(args):
+    from supmae_serve.preprocess import ImageLimits
+
     return ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_pixels, min_side=args.min_side)
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
-    d = ImageLimits()
+    d = argparse.Namespace(**LIMIT_DEFAULTS)
     g = p.add_argument_group("model and backend")
     g.add_argument(
         "--model",
@@ -84,8 +86,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bulk import default_workers
     from .index import EXACT_MAX_FLOATS, KINDS
+    from .inputs import default_workers
 
     parser = argparse.ArgumentParser(
         prog="supmae-embed",
@@ -277,12 +279,27 @@ def _search(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .bulk import EmbedError
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean bad arguments or input (exit status 2); imported when one happens."""
+    from supmae_serve.backends import BackendError
+    from supmae_serve.model import CheckpointError
+
     from .featureset import FeatureSetError
     from .identity import IdentityError
     from .index import FeatureIndexError, QueryError
 
+    return (
+        DataError,
+        FeatureSetError,
+        FeatureIndexError,
+        IdentityError,
+        QueryError,
+        BackendError,
+        CheckpointError,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
@@ -292,23 +309,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU build it tries
     try:
         return {"run": _run, "index": _index, "search": _search}[args.command](args)
-    except EmbedError as e:
-        print(f"supmae-embed: error: {e}", file=sys.stderr)
-        return 1
-    except (
-        DataError,
-        FeatureSetError,
-        FeatureIndexError,
-        IdentityError,
-        QueryError,
-        BackendError,
-        CheckpointError,
-        ImportError,
-        ValueError,
-        OSError,
-    ) as e:
-        print(f"supmae-embed: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        from .bulk import EmbedError
+
+        if isinstance(e, EmbedError):  # the job failed (--strict, other processes that never finished)
+            print(f"supmae-embed: error: {e}", file=sys.stderr)
+            return 1
+        if isinstance(e, (ImportError, ValueError, OSError, *_user_errors())):
+            print(f"supmae-embed: error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

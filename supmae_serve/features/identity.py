@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supmae_serve.common.files import sha256_file
-from supmae_serve.model.checkpoint import CARD_NAME, WEIGHTS_NAME, ModelCard
+
+if TYPE_CHECKING:  # the model package imports torch and timm: not needed to read or compare identities
+    from supmae_serve.model.checkpoint import ModelCard
 
 EXPORT_MANIFEST = "manifest.json"  # a supmae-export folder's manifest (backends.graph.MANIFEST_NAME)
 
@@ -58,6 +60,8 @@ def _plain(x: Any) -> Any:
 def weights_digest(model: str | Path, export_dir: str | Path | None = None) -> str | None:
     """sha256 of the weights behind a model path: a checkpoint folder's model.safetensors, a .safetensors file,
     or, for a supmae-export folder, the checkpoint digest its manifest recorded. None when there is none."""
+    from supmae_serve.model.checkpoint import CARD_NAME, WEIGHTS_NAME
+
     p = Path(model)
     if p.is_dir() and (p / WEIGHTS_NAME).is_file():
         return sha256_file(p / WEIGHTS_NAME)

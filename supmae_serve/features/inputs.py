@@ -31,6 +31,13 @@ from supmae_serve.common.shards import (
 )
 
 KINDS = ("auto", "folder", "files", "list", "glob", "wds")
+
+
+def default_workers() -> int:
+    """Decoding processes for the bulk job: one core fewer than the machine has (the model needs one), 1 to 8."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 _GLOB_CHARS = ("*", "?", "[")
 
 
