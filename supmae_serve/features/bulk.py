@@ -20,6 +20,7 @@ in one run, after a restart, or by another process: a resumed or scaled-out run 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -232,8 +233,6 @@ def backend_config(cfg: EmbedConfig, part: DistPart) -> BackendConfig:
 
 def _plan(cfg: EmbedConfig, inputs: Inputs, identity, info, chunks: int) -> dict[str, Any]:
     """What must not change between the runs (and processes) that fill one folder."""
-    import hashlib
-
     ids = hashlib.sha256("\n".join(i.id for i in inputs.items).encode()).hexdigest()
     return {
         "format": FORMAT,
@@ -296,6 +295,8 @@ def _embed_chunks(
     part: DistPart,
 ) -> int:
     """Embed and commit `todo`'s chunks; returns the number of inputs processed."""
+    if not todo:
+        return 0  # (a DataLoader would still start its workers)
     info = backend.info()
     prep = backend.card.preprocessing
     loop_start = time.time()
