@@ -228,34 +228,17 @@ def main(argv=None) -> int:
 
     for backend, tag in (("torch", "torch"), ("onnxruntime", "onnx")):
         if f"raw-{tag}" in args.paths or f"bulk-{tag}" in args.paths:
+            model = export if tag == "onnx" else None
             raws = []
             if f"raw-{tag}" in args.paths:
                 log(f"raw {backend}")
-                raws.append(
-                    raw_rate(
-                        args.model,
-                        export if tag == "onnx" else None,
-                        backend,
-                        crops,
-                        args.batch_size,
-                        args.raw_rounds,
-                    )
-                )
+                raws.append(raw_rate(args.model, model, backend, crops, args.batch_size, args.raw_rounds))
             if f"bulk-{tag}" in args.paths:
                 log(f"bulk {backend}")
                 bulk(backend)
             if f"raw-{tag}" in args.paths:
                 log(f"raw {backend} again")
-                raws.append(
-                    raw_rate(
-                        args.model,
-                        export if tag == "onnx" else None,
-                        backend,
-                        crops,
-                        args.batch_size,
-                        args.raw_rounds,
-                    )
-                )
+                raws.append(raw_rate(args.model, model, backend, crops, args.batch_size, args.raw_rounds))
                 rows[f"raw-{tag}"] = {
                     "images_per_s": statistics.mean(raws),
                     "runs": [round(r, 1) for r in raws],

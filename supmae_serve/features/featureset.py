@@ -65,6 +65,26 @@ def l2_normalize(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
 
+def read_manifest(path: Path, fmt: str, version: int, error: type[Exception], what: str) -> dict[str, Any]:
+    """A folder's JSON manifest, checked to be of format `fmt` and no newer than `version`; `error` (with
+    `what` the folder should be) says what is wrong."""
+    if not path.exists():
+        raise error(f"{path.parent}: not {what} (no {path.name})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise error(f"{path}: not a {fmt} manifest (format {got!r})")
+    if int(manifest.get("format_version", 0)) > version:
+        raise error(
+            f"{path}: format_version {manifest['format_version']} is newer than this supmae reads ({version}); "
+            "upgrade supmae"
+        )
+    return manifest
+
+
 def shard_name(chunk: int) -> str:
     return f"part-{chunk:06d}.parquet"
 
@@ -189,29 +209,18 @@ class FeatureSet:
     @classmethod
     def open(cls, path: str | Path) -> FeatureSet:
         path = Path(path)
-        mpath = path / MANIFEST_NAME
-        if not mpath.exists():
-            if (path / PLAN_NAME).exists():
-                raise FeatureSetError(
-                    f"{path}: an unfinished feature set (no {MANIFEST_NAME} yet): run the same supmae-embed "
-                    "command again to finish it"
-                )
+        if not (path / MANIFEST_NAME).exists() and (path / PLAN_NAME).exists():
             raise FeatureSetError(
-                f"{path}: not a feature set (no {MANIFEST_NAME}); make one with supmae-embed"
+                f"{path}: an unfinished feature set (no {MANIFEST_NAME} yet): run the same supmae-embed "
+                "command again to finish it"
             )
-        try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise FeatureSetError(f"{mpath}: not valid JSON ({e})") from e
-        if manifest.get("format") != FORMAT:
-            raise FeatureSetError(
-                f"{mpath}: not a supmae feature-set manifest (format {manifest.get('format')!r})"
-            )
-        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-            raise FeatureSetError(
-                f"{mpath}: format_version {manifest['format_version']} is newer than this supmae reads "
-                f"({FORMAT_VERSION}); upgrade supmae"
-            )
+        manifest = read_manifest(
+            path / MANIFEST_NAME,
+            FORMAT,
+            FORMAT_VERSION,
+            FeatureSetError,
+            "a feature set; make one with supmae-embed",
+        )
         return cls(path, manifest)
 
     @property

@@ -42,7 +42,7 @@ import numpy as np
 from supmae_serve.common.files import atomic_write, atomic_write_text
 from supmae_serve.common.versions import package_versions
 
-from .featureset import Features, FeatureSet, import_pyarrow, l2_normalize, now_iso
+from .featureset import Features, FeatureSet, import_pyarrow, l2_normalize, now_iso, read_manifest
 from .identity import ModelIdentity, check_identity
 
 FORMAT = "supmae-index"
@@ -409,24 +409,14 @@ def _write_generation(
     return manifest
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    mpath = path / MANIFEST_NAME
-    if not mpath.exists():
-        raise FeatureIndexError(
-            f"{path}: not an index (no {MANIFEST_NAME}); build one with `supmae-embed index`"
-        )
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise FeatureIndexError(f"{mpath}: not valid JSON ({e})") from e
-    if manifest.get("format") != FORMAT:
-        raise FeatureIndexError(f"{mpath}: not a supmae index manifest (format {manifest.get('format')!r})")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-        raise FeatureIndexError(
-            f"{mpath}: format_version {manifest['format_version']} is newer than this supmae reads"
-        )
-    return manifest
+def read_index_manifest(path: str | Path) -> dict[str, Any]:
+    return read_manifest(
+        Path(path) / MANIFEST_NAME,
+        FORMAT,
+        FORMAT_VERSION,
+        FeatureIndexError,
+        "an index; build one with `supmae-embed index`",
+    )
 
 
 def add_to_index(
@@ -514,7 +504,7 @@ class FeatureIndex:
     @classmethod
     def load(cls, path: str | Path) -> FeatureIndex:
         path = Path(path)
-        manifest = read_manifest(path)
+        manifest = read_index_manifest(path)
         faiss, pa = import_faiss(), import_pyarrow()
         files = manifest["files"]
         for f in files.values():
