@@ -6,7 +6,7 @@ would write, torch against ONNX Runtime, and 1 against 2 torchrun processes, sid
 
 Rows (all on the same images, the same batch size, decode workers and threads):
 - raw-<backend>:  `Backend.embed` on ready, normalised batches of real images (no decoding, no I/O):
-                  the ceiling. Run before and after the bulk rows; the table uses their mean.
+                  the ceiling (median of --raw-rounds batches per measurement).
 - bulk-<backend>: `supmae-embed run` in this process (`features.bulk.embed_inputs`): list, read, decode
                   in DataLoader workers, embed, normalise, write Parquet shards and the manifest.
 - user-loop:      torchvision `ImageFolder` + `DataLoader` (same workers, batch size) + Resize/CenterCrop/
@@ -15,7 +15,8 @@ Rows (all on the same images, the same batch size, decode workers and threads):
                   between the processes; images/s over the slowest process's embedding span (from its
                   shards' metadata: loop start to last shard written), and the wall time of the command.
 
-Images/s counts every image of the run. --limit takes an evenly spaced subset of the sorted file list (the
+Every row runs once per round, rounds interleaved (--repeats), and the raw rows once more at the end; the table
+gives the median of the runs and lists them. Images/s counts every image of the run. --limit takes an evenly spaced subset of the sorted file list (the
 same subset for every row). The ONNX rows need an export of the model: made once in --work with
 `supmae-export --precision fp32` (the CPU backend serves the fused encoder.opt.onnx).
 """
@@ -174,7 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--raw-rounds", type=int, default=10)
+    p.add_argument("--raw-rounds", type=int, default=10, help="batches per raw measurement (median)")
+    p.add_argument("--repeats", type=int, default=2, help="rounds over every row (medians are reported)")
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     p.add_argument("--work", type=Path, default=Path("/tmp/supmae-embed-bench"))
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -209,56 +211,77 @@ def main(argv=None) -> int:
                  "--precision", "fp32", "--no-reconstruct", "--no-latency", "--verify-images", "8"],
                 check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
             )  # fmt: skip
-    rows: dict[str, dict] = {}
     uptime_before = os.getloadavg()
+    onnx_model = {"torch": None, "onnxruntime": export}
 
-    def bulk(backend: str) -> None:
+    def bulk(backend: str) -> dict:
         out = work / f"bulk-{backend}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
         cfg = EmbedConfig(
-            input=str(lst), out=out, model=export if backend == "onnxruntime" else args.model, backend=backend,
+            input=str(lst), out=out, model=onnx_model[backend] or args.model, backend=backend,
             device="cpu", threads=args.threads, batch_size=args.batch_size, workers=args.workers,
             shard_size=args.shard_size, progress=False,
         )  # fmt: skip
         s, wall, cpu = timed(lambda: embed_inputs(cfg))
-        rows[f"bulk-{'onnx' if backend == 'onnxruntime' else 'torch'}"] = {
-            "images": n, "images_per_s": n / s["embed_seconds"], "wall_s": wall, "embed_s": s["embed_seconds"],
+        return {
+            "images_per_s": n / s["embed_seconds"], "wall_s": wall, "embed_s": s["embed_seconds"],
             "cpu_util": cpu / wall / args.threads, "failed": s["failed"],
         }  # fmt: skip
 
-    for backend, tag in (("torch", "torch"), ("onnxruntime", "onnx")):
-        if f"raw-{tag}" in args.paths or f"bulk-{tag}" in args.paths:
-            model = export if tag == "onnx" else None
-            raws = []
-            if f"raw-{tag}" in args.paths:
-                log(f"raw {backend}")
-                raws.append(raw_rate(args.model, model, backend, crops, args.batch_size, args.raw_rounds))
-            if f"bulk-{tag}" in args.paths:
-                log(f"bulk {backend}")
-                bulk(backend)
-            if f"raw-{tag}" in args.paths:
-                log(f"raw {backend} again")
-                raws.append(raw_rate(args.model, model, backend, crops, args.batch_size, args.raw_rounds))
-                rows[f"raw-{tag}"] = {
-                    "images_per_s": statistics.mean(raws),
-                    "runs": [round(r, 1) for r in raws],
-                }
-        if tag == "torch" and "user-loop" in args.paths:
-            log("user loop (torchvision ImageFolder + DataLoader + model.eval())")
-            (got, loop_s), wall, cpu = timed(
-                lambda: user_loop(args.images, idx, args.model, args.batch_size, args.workers)
+    def user() -> dict:
+        (got, loop_s), wall, cpu = timed(
+            lambda: user_loop(args.images, idx, args.model, args.batch_size, args.workers)
+        )
+        return {
+            "images_per_s": got / loop_s,
+            "wall_s": wall,
+            "embed_s": loop_s,
+            "cpu_util": cpu / wall / args.threads,
+        }
+
+    def raw(backend: str) -> dict:
+        return {
+            "images_per_s": raw_rate(
+                args.model, onnx_model[backend], backend, crops, args.batch_size, args.raw_rounds
             )
-            rows["user-loop"] = {
-                "images": got, "images_per_s": got / loop_s, "wall_s": wall, "embed_s": loop_s,
-                "cpu_util": cpu / wall / args.threads,
-            }  # fmt: skip
-    for nproc in (1, 2):
-        if f"torchrun-{nproc}" in args.paths:
-            log(f"torchrun with {nproc} process(es)")
-            out = work / f"torchrun-{nproc}"
-            subprocess.run(["rm", "-rf", str(out)], check=True)
-            r = torchrun(nproc, lst, out, args, max(1, args.threads // nproc))
-            rows[f"torchrun-{nproc}"] = {"images": n, "images_per_s": n / r["span_s"], **r}
+        }
+
+    def run_torchrun(nproc: int) -> dict:
+        out = work / f"torchrun-{nproc}"
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        r = torchrun(nproc, lst, out, args, max(1, args.threads // nproc))
+        return {"images_per_s": n / r["span_s"], **r}
+
+    measure = {
+        "raw-torch": lambda: raw("torch"),
+        "bulk-torch": lambda: bulk("torch"),
+        "user-loop": user,
+        "raw-onnx": lambda: raw("onnxruntime"),
+        "bulk-onnx": lambda: bulk("onnxruntime"),
+        "torchrun-1": lambda: run_torchrun(1),
+        "torchrun-2": lambda: run_torchrun(2),
+    }
+    order = [name for name in PATHS if name in args.paths]
+    runs: dict[str, list[dict]] = {}
+    # rounds interleave every row, so load from other processes on a shared machine hits all rows alike;
+    # the raw rows run once more at the end, bracketing the others
+    for rep in range(args.repeats):
+        for name in order:
+            log(f"round {rep + 1} of {args.repeats}: {name}")
+            runs.setdefault(name, []).append(measure[name]())
+    for name in ("raw-torch", "raw-onnx"):
+        if name in order:
+            log(f"{name} once more")
+            runs[name].append(measure[name]())
+    rows = {
+        name: {
+            **rs[-1],
+            "images": n,
+            "images_per_s": statistics.median(r["images_per_s"] for r in rs),
+            "runs": [round(r["images_per_s"], 1) for r in rs],
+        }
+        for name, rs in runs.items()
+    }
     checks = {}
     if "torchrun-1" in rows and "torchrun-2" in rows:
         checks["torchrun-2 vs torchrun-1"] = compare_sets(work / "torchrun-1", work / "torchrun-2")

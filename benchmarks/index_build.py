@@ -180,15 +180,12 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     for name, features, queries in sets:
         for kind in args.kinds:
+            if kind != "auto" and any(r["data"] == name and r["kind"] == kind for r in rows):
+                log(f"{name}: auto already built {kind}")
+                continue
             log(f"{name}: building {kind}")
             out = args.work / f"{name}-index-{kind}"
             m = build(features, out, kind, args.threads)
-            if (
-                kind != "auto"
-                and m["kind"] == kind
-                and any(r["data"] == name and r["kind"] == kind for r in rows)
-            ):
-                continue  # auto already built this kind
             log(f"{name}: {m['kind']} built in {m['build']['seconds']} s; fresh-query recall")
             fresh = fresh_recall(out, features, queries)
             rows.append({

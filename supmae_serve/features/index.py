@@ -251,6 +251,14 @@ def _nprobes(nlist: int) -> list[int]:
 
 # ---------------------------------------------------------------------------- memory
 def _peak_rss_bytes() -> int | None:
+    """This process's peak resident memory. Linux's VmHWM, not ru_maxrss: a process started by fork + exec
+    (a CLI run from a big Python process) inherits its parent's ru_maxrss, but gets a fresh VmHWM."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # not on Unix
