@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from supmae_serve.backends import Backend, BackendConfig, choose_backend, create_backend
 from supmae_serve.common.files import atomic_write_text
+from supmae_serve.common.shards import Member, read_member
 from supmae_serve.common.versions import package_versions
 from supmae_serve.model.checkpoint import software_versions
 from supmae_serve.preprocess import ImageError, ImageLimits, decode_image, normalize, resize_crop
@@ -126,13 +127,9 @@ def read_input(item: InputItem, limits: ImageLimits) -> bytes:
         raise ImageError(
             f"image is {size} bytes; the limit is {limits.max_bytes} bytes per image", 413, "image_too_large"
         )
+    if item.offset >= 0:
+        return read_member(item.path, Member(item.source, item.offset, item.size))
     with open(item.path, "rb") as f:
-        if item.offset >= 0:
-            f.seek(item.offset)
-            data = f.read(item.size)
-            if len(data) != item.size:
-                raise OSError(f"tar member cut short ({len(data)} of {item.size} bytes)")
-            return data
         return f.read()
 
 
