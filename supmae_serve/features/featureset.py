@@ -199,8 +199,22 @@ class Features:
         return len(self.ids)
 
 
+class ManifestFacts:
+    """What feature sets and indexes both record in their `manifest`: the model identity and the dimension."""
+
+    manifest: dict[str, Any]
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity.from_dict(self.manifest["model"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+
 @dataclass
-class FeatureSet:
+class FeatureSet(ManifestFacts):
     """A finished feature-set folder (`FeatureSet.open`)."""
 
     path: Path
@@ -222,14 +236,6 @@ class FeatureSet:
             "a feature set; make one with supmae-embed",
         )
         return cls(path, manifest)
-
-    @property
-    def identity(self) -> ModelIdentity:
-        return ModelIdentity.from_dict(self.manifest["model"])
-
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["dim"])
 
     def __len__(self) -> int:
         return int(self.manifest["count"])

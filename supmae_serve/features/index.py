@@ -42,7 +42,15 @@ import numpy as np
 from supmae_serve.common.files import atomic_write, atomic_write_text
 from supmae_serve.common.versions import package_versions
 
-from .featureset import Features, FeatureSet, import_pyarrow, l2_normalize, now_iso, read_manifest
+from .featureset import (
+    Features,
+    FeatureSet,
+    ManifestFacts,
+    import_pyarrow,
+    l2_normalize,
+    now_iso,
+    read_manifest,
+)
 from .identity import ModelIdentity, check_identity
 
 FORMAT = "supmae-index"
@@ -499,7 +507,7 @@ class Neighbor:
 
 
 @dataclass
-class FeatureIndex:
+class FeatureIndex(ManifestFacts):
     """A loaded index: `search(vectors, top_k)`, its manifest, and the model identity it was built from."""
 
     path: Path
@@ -533,14 +541,6 @@ class FeatureIndex:
             meta.column("label").to_pylist(),
             meta.column("source").to_pylist(),
         )
-
-    @property
-    def identity(self) -> ModelIdentity:
-        return ModelIdentity.from_dict(self.manifest["model"])
-
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["dim"])
 
     @property
     def kind(self) -> str:
