@@ -95,6 +95,9 @@ def test_exact_index_searches_like_brute_force(tmp_path):
     n = res[0][0]
     assert n.label == f"c{int(n.id[4:9]) % 7}" and n.source == f"/data/{n.id}" and -1 <= n.score <= 1.0001
     assert len(idx.search(q[0], top_k=MAX_TOP_K)[0]) == 600  # fewer vectors than top_k: all of them
+    d = idx.describe()  # what a server shows about its index
+    assert (d["kind"], d["count"], d["dim"], d["recall"]["recall_at_k"]) == ("flat", 600, DIM, 1.0)
+    assert d["model"]["weights_sha256"] == IDENT.weights_sha256 and d["model"]["pooling"] == "avg"
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
@@ -206,5 +209,3 @@ def test_index_manifest_against_a_model_card(tmp_path):
     assert [d.split(":")[0] for d in diffs] == ["pooling", "L2-normalised", "preprocessing image_size"]
     assert compare_identity(mine, other_weights)[0].startswith("weights digest")
     assert "none recorded" in compare_identity(mine, model_identity(card, tmp_path / "nowhere"))[0]
-    described = FeatureIndex.describe  # part B shows this in /v1/info
-    assert callable(described)
