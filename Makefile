@@ -16,7 +16,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 else
 TORCH_PINS ?= torch==2.9.1 torchvision==0.24.1
 endif
-EXTRAS ?= demo,train,dev
+EXTRAS ?= demo,train,features,cluster,dev
 
 .PHONY: venv serve test lint format clean browser-deps
 

@@ -17,7 +17,6 @@ manifest never picks it; the command then exits non-zero.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import platform
 import sys
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from supmae_serve.common.files import sha256_file
 from supmae_serve.model import CheckpointError, ModelCard, SupMAE, load_checkpoint, load_model_card
 from supmae_serve.model.masking import num_visible, seeded_keep_indices
 
@@ -146,14 +146,6 @@ class ExportResult:
 
 
 # ---------------------------------------------------------------------------- helpers
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def software_versions() -> dict[str, str]:
     import onnx
 

@@ -80,3 +80,30 @@ def test_packages_import():
         cwd="/",
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_common_imports_only_the_standard_library():
+    allowed = set(sys.stdlib_module_names) | {"numpy", "torch", "supmae_serve"}
+    found = [
+        f"{f} imports {n}"
+        for f, names in _imports(ROOT / "supmae_serve/common").items()
+        for n in names
+        if n.split(".")[0] not in allowed
+        or (n.startswith("supmae_serve") and not n.startswith("supmae_serve.common"))
+    ]
+    assert found == []
+
+
+def test_features_stay_below_the_api_and_the_demo():
+    forbidden = ("supmae_serve.api", "app", "fastapi", "gradio", "training", "export")
+    assert _violations("supmae_serve/features", forbidden) == []
+
+
+def test_features_import_does_not_load_faiss_pyarrow_or_ray():
+    mods = "supmae_serve.features.bulk, supmae_serve.features.index, supmae_serve.features.ray_data, supmae_serve.features.cli"
+    code = (
+        f"import sys, {mods}; heavy = [m for m in ('faiss', 'pyarrow', 'ray') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -1,7 +1,8 @@
 """Datasets for training and evaluation.
 
-`scan_image_folder` and `holdout_split` are the shared base: an ImageFolder-layout root
-(`root/<class>/<image>`) listed deterministically, and a seeded, class-stratified hold-out split.
+`scan_image_folder` (in `supmae_serve.common.files`, shared with the bulk embedding job) and `holdout_split`
+are the shared base: an ImageFolder-layout root (`root/<class>/<image>`) listed deterministically, and a
+seeded, class-stratified hold-out split.
 """
 
 from __future__ import annotations
@@ -15,41 +16,10 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from supmae_serve.common.files import IMAGE_EXTENSIONS, DataError, scan_image_folder  # noqa: F401 (re-exported)
+from supmae_serve.common.shards import image_field, looks_like_shards
 from supmae_serve.model.checkpoint import Preprocessing
 from supmae_serve.preprocess import ImageError, ImageLimits, decode_image, resize_crop
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-
-
-class DataError(ValueError):
-    """Bad training/evaluation data; the message names the path and what is wrong."""
-
-
-def scan_image_folder(root: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    """List `root/<class>/<file>` images -> ([(path, class_index)], class_names), sorted, so the same
-    folder always gives the same order and labels."""
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"{root}: data path does not exist")
-    if not root.is_dir():
-        raise DataError(f"{root}: expected a folder in ImageFolder layout (root/<class>/<image>)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DataError(f"{root}: no class folders found (expected root/<class>/<image>)")
-    samples: list[tuple[Path, int]] = []
-    empty = []
-    for idx, name in enumerate(classes):
-        files = sorted(
-            f for f in (root / name).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        if not files:
-            empty.append(name)
-        samples.extend((f, idx) for f in files)
-    if empty:
-        raise DataError(
-            f"{root}: class folders with no images ({', '.join(IMAGE_EXTENSIONS)}): {', '.join(empty)}"
-        )
-    return samples, classes
 
 
 def holdout_split(
@@ -106,7 +76,7 @@ def detect_kind(data: str) -> str:
     """Guess the dataset kind of a `data` string (see DATASET_KINDS)."""
     if data == "synthetic":
         return "synthetic"
-    if data.startswith(("http://", "https://", "pipe:", "s3://", "gs://")) or ".tar" in data or "{" in data:
+    if looks_like_shards(data):
         return "wds"
     p = Path(data)
     if (p / "cifar-10-batches-py").is_dir() or (p / "data_batch_1").is_file():
@@ -283,7 +253,7 @@ def webdataset_pipeline(urls: str, transform, batch_size: int, shuffle: int = 10
         raise ImportError("WebDataset shards need the webdataset package: pip install 'supmae[train]'") from e
 
     def decode(sample):
-        key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        key = image_field(sample)
         where = sample.get("__url__", "?") + ":" + sample.get("__key__", "?")
         if key is None or "cls" not in sample:
             raise DataError(f"{where}: a WebDataset sample needs an image (jpg/png/webp) and a 'cls' label")

@@ -1,0 +1,101 @@
+"""supmae_serve.common: image listing, atomic writes, WebDataset shard reading (shared by the trainer and
+the bulk job)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from supmae_serve.common import files, shards
+from training import data as D
+
+from .conftest import encode, synthetic_image
+
+
+def test_training_data_names_are_the_common_ones():
+    assert D.scan_image_folder is files.scan_image_folder
+    assert D.DataError is files.DataError
+    assert D.IMAGE_EXTENSIONS == files.IMAGE_EXTENSIONS
+
+
+def test_list_image_files_is_sorted_recursive_and_skips_hidden(tmp_path):
+    for rel in ("b.png", "a/c.JPG", "a/.hidden.png", ".cache/x.png", "notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in files.list_image_files(tmp_path)] == [
+        "a/c.JPG",
+        "b.png",
+    ]
+
+
+def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "out.json"
+    files.atomic_write_text(target, "old")
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        files.atomic_write(target, fail)
+    assert target.read_text() == "old"
+    assert list(tmp_path.glob(".*.tmp")) == []  # the temp file is removed too
+
+
+def test_stale_temp_files_are_found_and_removed(tmp_path):
+    (tmp_path / ".part-000001.parquet.abc.tmp").write_bytes(b"half a shard")
+    (tmp_path / "part-000000.parquet").write_bytes(b"done")
+    assert [p.name for p in files.remove_stale_temp_files(tmp_path)] == [".part-000001.parquet.abc.tmp"]
+    assert [p.name for p in tmp_path.iterdir()] == ["part-000000.parquet"]
+
+
+def test_expand_braces():
+    assert shards.expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert shards.expand_braces("{a,b}/x-{8..10}.tar") == [
+        "a/x-8.tar", "a/x-9.tar", "a/x-10.tar", "b/x-8.tar", "b/x-9.tar", "b/x-10.tar",
+    ]  # fmt: skip
+    assert shards.expand_braces("plain.tar") == ["plain.tar"]
+
+
+def test_shard_detection_and_image_field():
+    assert shards.looks_like_shards("/d/shards-{000..009}.tar")
+    assert shards.looks_like_shards("https://host/x.tar")
+    assert not shards.looks_like_shards("/data/imagenet/train")
+    assert shards.image_field({"cls": b"1", "png": b"", "jpg": b""}) == "jpg"
+    assert shards.image_field({"cls": b"1"}) is None
+    assert shards.split_key("dir/000123.seg.png") == ("dir/000123", "seg.png")
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_scan_tar_groups_fields_and_reads_members_by_offset(tmp_path):
+    png, jpg = encode(synthetic_image(seed=1)), encode(synthetic_image(seed=2), "JPEG")
+    path = tmp_path / "shard-000.tar"
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "train/a.png", png)
+        _add(tar, "train/a.cls", b"3\n")
+        _add(tar, "train/b.jpg", jpg)
+        _add(tar, "train/c.json", b"{}")
+    samples = shards.scan_tar(path)
+    assert [s.key for s in samples] == ["train/a", "train/b", "train/c"]
+    assert samples[0].label == "3" and samples[1].label is None
+    assert shards.read_member(path, samples[0].fields["png"]) == png
+    got = {s.key: f for s, f in shards.iter_samples(path)}
+    assert got["train/b"]["jpg"] == jpg and got["train/c"] == {"json": b"{}"}
+
+
+def test_webdataset_package_reads_what_scan_tar_reads(tmp_path):
+    wds = pytest.importorskip("webdataset")
+    path = tmp_path / "shard-000.tar"
+    with wds.TarWriter(str(path)) as w:
+        for i in range(3):
+            w.write({"__key__": f"k{i}", "png": encode(synthetic_image(seed=i)), "cls": str(i)})
+    ours = [(s.key, f["png"]) for s, f in shards.iter_samples(path)]
+    theirs = [(s["__key__"], s["png"]) for s in wds.WebDataset(str(path), shardshuffle=False)]
+    assert ours == theirs
