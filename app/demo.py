@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from supmae_serve.backends.base import Backend, class_labels, top_k
+from supmae_serve.common.optional import install_hint
 from supmae_serve.model.masking import num_visible
 from supmae_serve.preprocess import (
     FORMATS_TEXT,
@@ -40,7 +41,7 @@ from supmae_serve.settings import DEFAULT_MAX_PIXELS, Settings
 
 from .guard import DemoGuard, UploadPolicy
 
-INSTALL_HINT = "pip install 'supmae[demo]'"
+INSTALL_HINT = install_hint("gradio")
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_SEED = 2**31 - 1

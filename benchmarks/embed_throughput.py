@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from supmae_serve.backends import BackendConfig, create_backend  # noqa: E402
 from supmae_serve.common.files import scan_image_folder  # noqa: E402
+from supmae_serve.common.system import cpu_name  # noqa: E402
 from supmae_serve.features.bulk import EmbedConfig, decode_crop, embed_inputs  # noqa: E402
 from supmae_serve.features.featureset import FeatureSet  # noqa: E402
 from supmae_serve.preprocess import ImageLimits, normalize  # noqa: E402
@@ -150,16 +150,6 @@ def compare_sets(a: Path, b: Path) -> dict:
     same_ids = fa.ids == fb.ids
     diff = float(np.abs(fa.embeddings - fb.embeddings).max()) if same_ids else None
     return {"same_ids": same_ids, "max_abs_diff": diff, "count": len(fa)}
-
-
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def main(argv=None) -> int:

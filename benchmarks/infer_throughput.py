@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -49,6 +48,7 @@ from export.onnx import convert_fp16, export_encoder  # noqa: E402
 from export.optimize import optimize_encoder  # noqa: E402
 from export.quantize import QuantizeConfig, quantize_dynamic_int8, quantize_static_int8  # noqa: E402
 from export.verify import generated_images, list_image_folder, output_metrics  # noqa: E402
+from supmae_serve.common.system import cpu_name  # noqa: E402
 from supmae_serve.model import ModelCard, SupMAE, create_model, load_checkpoint  # noqa: E402
 from supmae_serve.model.checkpoint import Preprocessing  # noqa: E402
 from supmae_serve.preprocess import batch as preprocess_batch  # noqa: E402
@@ -366,7 +366,7 @@ def main(argv=None) -> int:
         )
     env = {
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "threads": threads,
         "torch": torch.__version__,
@@ -419,16 +419,6 @@ def _tensorrt_engines(card, files, work, max_batch, log) -> dict[str, Callable]:
         runner = EngineRunner(trt, engine)
         out[f"TensorRT engine {plan.precision}"] = lambda x, runner=runner: runner({"images": x})
     return out
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # model_flops beside this file
 from model_flops import step_flops  # noqa: E402
 
+from supmae_serve.common.system import cpu_name
 from supmae_serve.model import ModelConfig, SupMAE, model_config  # noqa: E402
 
 DTYPES = ("bf16", "fp32")
@@ -546,14 +547,6 @@ def measure_row(spec: RowSpec, cfg: BenchConfig, c: ModelConfig) -> RowResult:
     return res
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def environment(device: torch.device) -> dict:
     import timm
 
@@ -571,7 +564,7 @@ def environment(device: torch.device) -> dict:
         "transformers": tf_version,
         "python": platform.python_version(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "cpu_threads": torch.get_num_threads(),
     }

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from supmae_serve.common.optional import install_hint
 from supmae_serve.model import ModelCard, SupMAE
 
 DEFAULT_OPSET = 18
@@ -342,7 +343,7 @@ def convert_fp16(
         from onnxruntime.transformers.float16 import convert_float_to_float16
         from onnxruntime.transformers.onnx_model import OnnxModel
     except ImportError as e:  # pragma: no cover - onnxruntime is a core dependency
-        raise ExportError("fp16 conversion needs onnxruntime (pip install onnxruntime)") from e
+        raise ExportError(f"fp16 conversion needs onnxruntime: {install_hint('onnxruntime')}") from e
     model = onnx.load(str(src))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from supmae_serve.common.optional import install_hint
+
 MS_DOMAIN = "com.microsoft"
 
 
@@ -299,9 +301,7 @@ def optimize_encoder(src: str | Path, dst: str | Path, num_heads: int, hidden_si
         from onnxruntime.transformers import optimizer
         from onnxruntime.transformers.fusion_options import FusionOptions
     except ImportError as e:  # pragma: no cover - onnxruntime is a core dependency
-        raise RuntimeError(
-            "graph optimisation needs onnxruntime (pip install onnxruntime, or 'supmae[gpu]')"
-        ) from e
+        raise RuntimeError(f"graph optimisation needs onnxruntime: {install_hint('onnxruntime')}") from e
 
     report = OptimizeReport()
     model = onnx.load(str(src))

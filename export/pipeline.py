@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +30,8 @@ import numpy as np
 import torch
 
 from supmae_serve.common.files import sha256_file
+from supmae_serve.common.optional import install_hint
+from supmae_serve.common.versions import software_versions as common_versions
 from supmae_serve.model import CheckpointError, ModelCard, SupMAE, load_checkpoint, load_model_card
 from supmae_serve.model.masking import num_visible, seeded_keep_indices
 
@@ -147,39 +148,13 @@ class ExportResult:
 
 # ---------------------------------------------------------------------------- helpers
 def software_versions() -> dict[str, str]:
-    import onnx
-
-    versions = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "onnx": onnx.__version__,
-    }
-    for mod in ("onnxruntime", "onnxscript", "timm", "tensorrt"):
-        if mod == "tensorrt" and mod not in sys.modules:
-            continue
-        try:
-            versions[mod] = __import__(mod).__version__
-        except ImportError:
-            pass
-    from supmae_serve import __version__
-
-    versions["supmae"] = __version__
-    versions["platform"] = platform.platform()
-    versions["cpu"] = _cpu_name()
+    """The versions an export depends on, the machine it was verified on and its GPU, if any."""
+    versions = common_versions(["onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript"], system=True)
+    if "tensorrt" in sys.modules:  # only when this export built engines with it
+        versions["tensorrt"] = sys.modules["tensorrt"].__version__
     if torch.cuda.is_available():
         versions["gpu"] = torch.cuda.get_device_name(0)
     return versions
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 class Progress:
@@ -288,7 +263,7 @@ def verify_hf(folder: Path, card: ModelCard, images: VerifyImages, reference) ->
         import transformers
     except ImportError as e:
         raise ExportError(
-            "checking the Hugging Face folder needs transformers: pip install 'supmae[train]' (or --no-verify)"
+            f"checking the Hugging Face folder needs transformers: {install_hint('transformers')} (or --no-verify)"
         ) from e
     arch = json.loads((folder / "config.json").read_text())["architectures"][0]
     model = getattr(transformers, arch).from_pretrained(folder, mask_ratio=0.0).eval()

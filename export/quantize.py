@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from supmae_serve.common.optional import install_hint
+
 from .onnx import ENCODER_INPUT, ExportError
 
 
@@ -51,7 +53,7 @@ def _import_quantization():
     try:
         from onnxruntime import quantization
     except ImportError as e:  # pragma: no cover - onnxruntime is a core dependency
-        raise ExportError("INT8 quantisation needs onnxruntime: pip install onnxruntime") from e
+        raise ExportError(f"INT8 quantisation needs onnxruntime: {install_hint('onnxruntime')}") from e
     return quantization
 
 

@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from supmae_serve.common.optional import install_hint
+
 from .onnx import ENCODER_INPUT, ExportError
 
-INSTALL_HINT = "pip install 'supmae[gpu]'  (TensorRT >= 10 and a CUDA GPU; or pip install tensorrt)"
+INSTALL_HINT = install_hint("tensorrt")
 PRECISIONS = ("fp16", "bf16", "fp32")
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from supmae_serve.common.files import DataError, scan_images
 from supmae_serve.model import ModelCard, SupMAE
 from supmae_serve.preprocess import ImageError, batch, decode_image
 
@@ -219,28 +220,13 @@ def generated_images(n: int, size: int, seed: int = 0) -> list:
     return out
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-
-
 def list_image_folder(root: str | Path) -> tuple[list[Path], list[int] | None, list[str] | None]:
-    """An ImageFolder (`root/<class>/<image>`) -> (paths, labels, class names), or a flat folder of
-    images -> (paths, None, None). Sorted, so the same folder gives the same order."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ExportError(f"{root}: calibration data must be a folder of images (or root/<class>/<image>)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if classes:
-        paths, labels = [], []
-        for idx, name in enumerate(classes):
-            files = sorted(f for f in (root / name).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-            paths += files
-            labels += [idx] * len(files)
-        if paths:
-            return paths, labels, classes
-    files = sorted(f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ExportError(f"{root}: no images found ({', '.join(IMAGE_SUFFIXES)}), flat or in class folders")
-    return files, None, None
+    """Calibration images: an ImageFolder -> (paths, labels, class names), or a flat folder -> (paths, None,
+    None) (`supmae_serve.common.files.scan_images`, with export's error type)."""
+    try:
+        return scan_images(root)
+    except DataError as e:
+        raise ExportError(f"calibration data: {e}") from e
 
 
 def load_verify_images(

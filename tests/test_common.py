@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,70 @@ def test_webdataset_package_reads_what_scan_tar_reads(tmp_path):
     ours = [(s.key, f["png"]) for s, f in shards.iter_samples(path)]
     theirs = [(s["__key__"], s["png"]) for s in wds.WebDataset(str(path), shardshuffle=False)]
     assert ours == theirs
+
+
+# ---------------------------------------------------------------------------- system, optional, progress, versions
+def test_cpu_name_and_flags_are_read_once_from_the_machine():
+    from supmae_serve.common.system import cpu_flags, cpu_name
+
+    assert cpu_name() and cpu_name() != "unknown"
+    if Path("/proc/cpuinfo").exists():
+        text = Path("/proc/cpuinfo").read_text()
+        assert cpu_name() in text
+        line = next(x for x in text.splitlines() if x.startswith(("flags", "Features")))
+        assert cpu_flags() == frozenset(line.split(":", 1)[1].split())
+
+
+def test_resolve_device_raises_the_callers_error_with_what_is_allowed():
+    import torch
+
+    from supmae_serve.common.system import resolve_device
+
+    class MyError(ValueError):
+        pass
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(MyError, match="use auto, cpu, cuda"):
+        resolve_device("tpu-ish", MyError)
+    if not torch.cuda.is_available():
+        with pytest.raises(MyError, match="CUDA is not available"):
+            resolve_device("cuda:0", MyError)
+
+
+def test_require_names_the_purpose_and_the_extra_that_installs_it():
+    from supmae_serve.common.optional import MissingDependency, install_hint, require
+
+    assert require("json", "anything").dumps([1]) == "[1]"
+    assert install_hint("faiss") == "pip install 'supmae[features]' (faiss-cpu)"
+    assert install_hint("gradio.routes") == "pip install 'supmae[demo]'"
+    with pytest.raises(
+        MissingDependency, match=r"the thing needs no_such_pkg_xyz: pip install no_such_pkg_xyz"
+    ):
+        require("no_such_pkg_xyz.sub", "the thing")
+
+
+def test_track_yields_every_item_and_logs_the_rate_when_not_a_terminal(capsys):
+    from supmae_serve.common.progress import Progress, track
+
+    assert list(track(iter(range(5)), total=5, desc="decode")) == [0, 1, 2, 3, 4]
+    err = capsys.readouterr().err
+    assert "decode: batch 5/5 |" in err and "batch/s" in err  # the last step always prints
+    assert list(track(range(3), total=3, desc="quiet", enabled=False)) == [0, 1, 2]
+    p = Progress("log", 10, unit="step")
+    p.update(10, {"loss": 0.5})
+    assert "step 10/10 | loss 0.5000 |" in capsys.readouterr().err
+
+
+def test_software_versions_name_this_package_python_and_torch():
+    import platform
+
+    import torch
+
+    from supmae_serve import __version__
+    from supmae_serve.common.versions import software_versions
+
+    v = software_versions(["no_such_pkg_xyz"], system=True)
+    assert v["supmae"] == __version__ and v["python"] == platform.python_version()
+    assert v["torch"] == torch.__version__  # an imported module keeps its build tag
+    assert "no_such_pkg_xyz" not in v and v["cpu"]

@@ -17,6 +17,7 @@ import torch
 import torch.utils.data
 
 from supmae_serve.common.files import IMAGE_EXTENSIONS, DataError, scan_image_folder  # noqa: F401 (re-exported)
+from supmae_serve.common.optional import require
 from supmae_serve.common.shards import image_field, looks_like_shards
 from supmae_serve.model.checkpoint import Preprocessing
 from supmae_serve.preprocess import ImageError, ImageLimits, decode_image, resize_crop
@@ -247,10 +248,7 @@ def webdataset_pipeline(urls: str, transform, batch_size: int, shuffle: int = 10
     """WebDataset tar shards (local paths, brace patterns or URLs) -> batches of (images, labels).
     Each sample needs an image (jpg/png/webp) and a `cls` integer. Shards are split across processes
     and workers by webdataset's node/worker splitters."""
-    try:
-        import webdataset as wds
-    except ImportError as e:
-        raise ImportError("WebDataset shards need the webdataset package: pip install 'supmae[train]'") from e
+    wds = require("webdataset", "WebDataset shards")
 
     def decode(sample):
         key = image_field(sample)

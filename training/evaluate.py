@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -39,8 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from supmae_serve.common.files import atomic_write_text
+from supmae_serve.common.progress import track
+from supmae_serve.common.system import resolve_device
+from supmae_serve.common.versions import software_versions
 from supmae_serve.model import CheckpointError, ModelCard, load_checkpoint
-from supmae_serve.model.checkpoint import software_versions
 from supmae_serve.preprocess import ImageError, ImageLimits, decode_image, normalize, resize_crop
 from training.corruptions import (
     CORRUPTIONS,
@@ -204,7 +206,7 @@ def save_result(result: EvalResult, path: str | os.PathLike | None = None) -> Pa
     """Write the result as JSON (atomically) next to its checkpoint, or to `path`."""
     out = Path(path) if path is not None else result_path(result)
     text = json.dumps(result.to_dict(), indent=2, default=_json_default) + "\n"
-    _atomic_write_text(out, text)
+    atomic_write_text(out, text)
     return out
 
 
@@ -212,7 +214,7 @@ def save_results(results: Sequence[EvalResult], path: str | os.PathLike) -> Path
     """Write several results (a side-by-side run) to one JSON file: {"results": [...]}."""
     out = Path(path)
     text = json.dumps({"results": [r.to_dict() for r in results]}, indent=2, default=_json_default) + "\n"
-    _atomic_write_text(out, text)
+    atomic_write_text(out, text)
     return out
 
 
@@ -232,7 +234,7 @@ def update_card_metrics(result: EvalResult) -> Path:
     metrics["eval"] = evals
     card["metrics"] = metrics
     ModelCard.from_dict(json.loads(json.dumps(card, default=_json_default)), source=str(card_path))
-    _atomic_write_text(card_path, json.dumps(card, indent=2, default=_json_default) + "\n")
+    atomic_write_text(card_path, json.dumps(card, indent=2, default=_json_default) + "\n")
     return card_path
 
 
@@ -242,20 +244,6 @@ def _json_default(o):
     if isinstance(o, (np.integer, np.floating)):
         return o.item()
     raise TypeError(f"cannot write {type(o).__name__} as JSON")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _checkpoint_dir(checkpoint: str | os.PathLike) -> Path:
@@ -457,20 +445,8 @@ class Loaded:
     device: torch.device
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise EvalError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
-    return dev
-
-
 def load(checkpoint: str | os.PathLike, run: RunConfig, name: str | None = None) -> Loaded:
-    device = resolve_device(run.device)
+    device = resolve_device(run.device, EvalError)
     model, card = load_checkpoint(checkpoint, device=device)
     return Loaded(model, card, str(checkpoint), name or str(checkpoint), device)
 
@@ -495,7 +471,7 @@ def _require_head(loaded: Loaded, task: str) -> list[str]:
 def _batches(dataset: Dataset, run: RunConfig, device: torch.device, desc: str):
     """Batches of `dataset` in order, decoded by `run.workers` processes; an error reading an image
     (named) is raised as itself, not as the DataLoader's re-raised worker traceback."""
-    return _progress(
+    return track(
         batches(
             dataset,
             (EvalError, CorruptionError),
@@ -504,18 +480,10 @@ def _batches(dataset: Dataset, run: RunConfig, device: torch.device, desc: str):
             num_workers=run.workers,
             pin_memory=device.type == "cuda",
         ),
-        run,
-        desc,
         total=math.ceil(len(dataset) / run.batch_size),
+        desc=desc,
+        enabled=run.progress,
     )
-
-
-def _progress(iterable, run: RunConfig, desc: str, total: int | None = None):
-    if not run.progress:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
 @dataclass

@@ -1,16 +1,16 @@
-"""Observability: JSONL metrics, TensorBoard, a progress bar (or log lines), reconstruction grids."""
+"""Observability: JSONL metrics, TensorBoard, reconstruction grids (the progress bar: supmae_serve.common.progress)."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
-import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from supmae_serve.common.optional import install_hint
+from supmae_serve.common.progress import Progress  # noqa: F401  (re-exported: training.observe.Progress)
 from supmae_serve.model.checkpoint import Preprocessing
 from supmae_serve.preprocess import denormalize
 
@@ -55,8 +55,7 @@ class TensorBoard:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ImportError(
-                    "TensorBoard logging needs the tensorboard package: pip install 'supmae[train]' "
-                    "(or --set tensorboard=false)"
+                    f"TensorBoard logging needs tensorboard: {install_hint('tensorboard')} (or --set tensorboard=false)"
                 ) from e
             self.writer = SummaryWriter(str(logdir))
 
@@ -70,67 +69,6 @@ class TensorBoard:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-class Progress:
-    """A tqdm bar over the whole run on a terminal; plain log lines (every `interval_s`) otherwise."""
-
-    def __init__(self, mode: str, total: int, initial: int, enabled: bool, interval_s: float = 30.0):
-        if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "log"
-        self.mode = mode if enabled else "none"
-        self.total, self.step, self.interval = total, initial, interval_s
-        self.bar = None
-        self.last_print = 0.0
-        self.t0, self.step0 = time.perf_counter(), initial
-        if self.mode == "bar":
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
-
-    def update(self, step: int, info: dict) -> None:
-        n, self.step = step - self.step, step
-        if self.bar is not None:
-            self.bar.update(n)
-            self.bar.set_postfix_str(_fmt(info), refresh=False)
-        elif self.mode == "log":
-            now = time.perf_counter()
-            if now - self.last_print >= self.interval or step >= self.total:
-                self.last_print = now
-                rate = (step - self.step0) / max(now - self.t0, 1e-9)
-                eta = (self.total - step) / rate if rate > 0 else float("nan")
-                print(
-                    f"step {step}/{self.total} | {_fmt(info)} | eta {_hms(eta)}", file=sys.stderr, flush=True
-                )
-
-    def message(self, text: str) -> None:
-        if self.mode == "none":
-            return
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _fmt(info: dict) -> str:
-    parts = []
-    for k, v in info.items():
-        if isinstance(v, float):
-            parts.append(f"{k} {v:.3g}" if k == "lr" else f"{k} {v:.4f}" if abs(v) < 100 else f"{k} {v:.0f}")
-        else:
-            parts.append(f"{k} {v}")
-    return " | ".join(parts)
-
-
-def _hms(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 @torch.no_grad()

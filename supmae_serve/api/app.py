@@ -19,6 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from supmae_serve import __version__
 from supmae_serve.backends.base import Backend
 from supmae_serve.backends.registry import check_model_path
+from supmae_serve.common.optional import install_hint
 from supmae_serve.model import load_model_card
 from supmae_serve.settings import Settings
 
@@ -66,7 +67,7 @@ def mount_demo(app: FastAPI, service: InferenceService) -> bool:
         from app.demo import mount_demo as _mount
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] == "gradio":
-            log.warning("the demo needs gradio: pip install 'supmae[demo]' (serving the API without /demo)")
+            log.warning("the demo needs gradio: %s (serving the API without /demo)", install_hint("gradio"))
         else:
             log.warning("the demo is not available (%s); serving the API without /demo", e)
         return False
@@ -77,7 +78,7 @@ def mount_demo(app: FastAPI, service: InferenceService) -> bool:
         _mount(app, service.facade(), path="/demo", config=config)
     except ModuleNotFoundError as e:
         log.warning(
-            "the demo needs gradio: pip install 'supmae[demo]' (%s); serving the API without /demo", e
+            "the demo needs gradio: %s (%s); serving the API without /demo", install_hint("gradio"), e
         )
         return False
     return True

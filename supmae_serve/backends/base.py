@@ -132,16 +132,6 @@ def probs_from_logits(card: ModelCard, logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def resolve_device(device: str) -> torch.device:
-    """ "auto" -> cuda if available else cpu; a CUDA device that is not there is a clear error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
-    return dev
-
-
 def top_k(probs: np.ndarray, labels: list[str], k: int) -> list[list[tuple[str, float]]]:
     """Per row, the k most probable (label, probability) pairs, best first."""
     k = max(1, min(k, probs.shape[1]))

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from supmae_serve.common.optional import install_hint
+
 from .base import BackendError
 from .graph import GraphBackend, load_export, precision_preference, select_artefact
 
@@ -33,10 +35,7 @@ def import_onnxruntime():
     try:
         import onnxruntime
     except ImportError as e:
-        raise BackendError(
-            "the onnxruntime backend needs onnxruntime: pip install onnxruntime (CPU) or "
-            "pip install 'supmae[gpu]' (onnxruntime-gpu, CUDA and TensorRT execution providers)"
-        ) from e
+        raise BackendError(f"the onnxruntime backend needs onnxruntime: {install_hint('onnxruntime')}") from e
     return onnxruntime
 
 

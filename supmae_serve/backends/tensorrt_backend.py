@@ -18,7 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import BackendError, resolve_device
+from supmae_serve.common.optional import install_hint
+from supmae_serve.common.system import resolve_device
+
+from .base import BackendError
 from .graph import (
     ENGINE_FORMAT,
     Artefact,
@@ -33,9 +36,7 @@ def import_tensorrt():
     try:
         import tensorrt
     except ImportError as e:
-        raise BackendError(
-            "the tensorrt backend needs TensorRT: pip install 'supmae[gpu]' (tensorrt >= 10)"
-        ) from e
+        raise BackendError(f"the tensorrt backend needs TensorRT: {install_hint('tensorrt')}") from e
     return tensorrt
 
 
@@ -122,7 +123,7 @@ class TensorRTBackend(GraphBackend):
     ):
         folder = Path(export_dir)
         card, artefacts = load_export(folder)
-        dev = resolve_device("cuda" if device == "auto" else device)
+        dev = resolve_device("cuda" if device == "auto" else device, BackendError)
         if dev.type != "cuda":
             raise BackendError(
                 "the tensorrt backend runs on a CUDA device; use --backend onnxruntime or torch on the CPU"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from supmae_serve.common.system import resolve_device
 from supmae_serve.model import load_checkpoint
 
 from .base import (
@@ -25,7 +26,6 @@ from .base import (
     pooling_source,
     probs_from_logits,
     require,
-    resolve_device,
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -57,7 +57,7 @@ class TorchBackend:
         precision: str = "auto",
         compile: bool = False,
     ):
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, BackendError)
         self.precision = resolve_precision(precision, self.device)
         self.dtype = DTYPES[self.precision]
         self.path = Path(path)

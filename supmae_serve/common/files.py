@@ -13,7 +13,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+# the file names of the formats `supmae_serve.preprocess` decodes (its FORMATS: JPEG, PNG, WebP, GIF, BMP, TIFF)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 class DataError(ValueError):
@@ -61,6 +62,25 @@ def scan_image_folder(root: str | Path) -> tuple[list[tuple[Path, int]], list[st
     return samples, classes
 
 
+def scan_images(root: str | Path) -> tuple[list[Path], list[int] | None, list[str] | None]:
+    """An ImageFolder (`root/<class>/<image>`) -> (paths, labels, class names), or a flat folder of images
+    -> (paths, None, None); sorted. For inputs that may or may not be labelled (calibration images)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: expected a folder of images (flat, or root/<class>/<image>)")
+    files = sorted(f for f in root.iterdir() if is_image_file(f) and not f.name.startswith("."))
+    if any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
+        try:
+            samples, classes = scan_image_folder(root)
+            return [p for p, _ in samples], [y for _, y in samples], classes
+        except DataError:
+            if not files:  # class folders, some without images, and nothing beside them: say which
+                raise
+    if not files:
+        raise DataError(f"{root}: no images found ({', '.join(IMAGE_EXTENSIONS)}), flat or in class folders")
+    return files, None, None
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temp path beside `path`, fsync it, then rename it to `path`.
 
@@ -78,10 +98,24 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # make the rename itself durable
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform (Windows); the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -37,9 +37,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from supmae_serve.backends import Backend, BackendConfig, choose_backend, create_backend
 from supmae_serve.common.files import atomic_write_text
+from supmae_serve.common.progress import Progress
 from supmae_serve.common.shards import Member, read_member
-from supmae_serve.common.versions import package_versions
-from supmae_serve.model.checkpoint import software_versions
+from supmae_serve.common.versions import software_versions
 from supmae_serve.preprocess import ImageError, ImageLimits, decode_image, normalize, resize_crop
 from supmae_serve.settings import DEFAULT_MODEL
 
@@ -309,12 +309,8 @@ def _embed_chunks(
         prefetch_factor=4 if cfg.workers else None,
     )
     total = sum(len(sampler.chunk_range(k)) for k in todo)
-    bar = None
-    if cfg.progress and part.rank == 0:
-        from tqdm import tqdm
-
-        desc = "embed" if part.world_size == 1 else f"embed (rank 0 of {part.world_size})"
-        bar = tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, smoothing=0.1)
+    desc = "embed" if part.world_size == 1 else f"embed (rank 0 of {part.world_size})"
+    bar = Progress("auto", total, enabled=cfg.progress and part.rank == 0, unit="img", desc=desc)
     items, current, done = inputs.items, None, 0
     try:
         for b in loader:
@@ -339,14 +335,12 @@ def _embed_chunks(
             current.errors += errors
             current.seen += len(b["indices"])
             done += len(b["indices"])
-            if bar is not None:
-                bar.update(len(b["indices"]))
+            bar.update(done, {})
             if current.seen == current.size:
                 _commit(writer, items, current, part, loop_start)
                 current = None
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return done
 
 
@@ -399,7 +393,7 @@ def _versions(info) -> dict[str, str]:
     runtimes = {"onnxruntime": ["onnxruntime", "onnxruntime-gpu"], "tensorrt": ["tensorrt"]}.get(
         info.name, []
     )
-    return {**software_versions(), **package_versions(["numpy", "pillow", "pyarrow", *runtimes])}
+    return software_versions(["pillow", "pyarrow", *runtimes])
 
 
 def embed_inputs(

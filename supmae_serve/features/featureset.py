@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from supmae_serve.common.files import atomic_write, atomic_write_text, remove_stale_temp_files
+from supmae_serve.common.optional import require
 
 from .identity import ModelIdentity
 
@@ -47,11 +48,9 @@ class FeatureSetError(ValueError):
 
 
 def import_pyarrow():
-    try:
-        import pyarrow
-        import pyarrow.parquet  # noqa: F401 - the submodule is what we use
-    except ImportError as e:
-        raise ImportError("feature sets need pyarrow: pip install 'supmae[features]'") from e
+    require("pyarrow.parquet", "feature sets")  # the submodule is what we use
+    import pyarrow
+
     return pyarrow
 
 

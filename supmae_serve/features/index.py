@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from supmae_serve.common.files import atomic_write, atomic_write_text
+from supmae_serve.common.optional import require
 from supmae_serve.common.versions import package_versions
 
 from .featureset import (
@@ -73,11 +74,7 @@ class QueryError(ValueError):
 
 
 def import_faiss():
-    try:
-        import faiss
-    except ImportError as e:
-        raise ImportError("the index needs faiss: pip install 'supmae[features]' (faiss-cpu)") from e
-    return faiss
+    return require("faiss", "the index")
 
 
 @dataclass(frozen=True)

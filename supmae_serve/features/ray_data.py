@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from supmae_serve.backends import BackendConfig, create_backend
+from supmae_serve.common.optional import require
 from supmae_serve.preprocess import ImageLimits, normalize, resize_crop
 
 from .bulk import decode_crop, for_this_process
@@ -45,11 +46,9 @@ INPUT_COLUMNS = ("bytes", "image")
 
 
 def import_ray():
-    try:
-        import ray
-        import ray.data  # noqa: F401 - the submodule is what we use
-    except ImportError as e:
-        raise ImportError("Ray Data pipelines need ray: pip install 'supmae[cluster]'") from e
+    require("ray.data", "Ray Data pipelines")  # the submodule is what we use
+    import ray
+
     return ray
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from supmae_serve.common.files import atomic_write
+from supmae_serve.common.versions import software_versions
 
 from .supmae import ModelConfig, SupMAE
 from .variants import TIMM_NAMES, VARIANTS, size_of
@@ -163,32 +165,6 @@ class ModelCard:
             raise CheckpointError(f"{source}: {e}") from e
 
 
-def software_versions() -> dict[str, str]:
-    import timm
-
-    from supmae_serve import __version__
-
-    return {"supmae": __version__, "torch": torch.__version__, "timm": timm.__version__}
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint should be readable like any file
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_checkpoint(
     model: SupMAE,
     path: str | os.PathLike,
@@ -223,9 +199,9 @@ def save_checkpoint(
         k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
         for k, v in model.state_dict().items()
     }
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     text = json.dumps(card.to_dict(), indent=2, sort_keys=False) + "\n"
-    _atomic_write(out / CARD_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(out / CARD_NAME, lambda tmp: Path(tmp).write_text(text))
     return card
 
 
@@ -375,5 +351,5 @@ def save_timm(model: SupMAE, path: str | os.PathLike) -> Path:
     `timm.create_model(name, **kwargs)` with `name, kwargs = timm_model_args(config, variant, file=path)`."""
     p = Path(path)
     state = {k: v.contiguous() for k, v in timm_state_dict(model).items()}
-    _atomic_write(p, lambda tmp: save_file(state, tmp))
+    atomic_write(p, lambda tmp: save_file(state, tmp))
     return p

@@ -26,7 +26,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError, ModelCard, _atomic_write
+from supmae_serve.common.files import atomic_write
+
+from .checkpoint import CheckpointError, ModelCard
 from .official import assemble, sha256_of
 from .supmae import ModelConfig, SupMAE
 from .variants import find_variant
@@ -295,7 +297,7 @@ def save_hf(model: SupMAE, folder: str | os.PathLike) -> Path:
     other model). The folder also loads with `ViTMAEModel.from_pretrained` in the first case."""
     folder = Path(folder)
     state, with_decoder = hf_state_dict(model)
-    _atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     text = json.dumps(hf_config(model.config, with_decoder), indent=2) + "\n"
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return folder

@@ -1,0 +1,58 @@
+"""What machine this is: the CPU's name and feature flags, and which torch device to use.
+
+Benchmarks record the CPU with every figure, export manifests record it with the software versions, and the
+server picks its CPU precision from the flags; all of them read it here. torch is imported only inside
+`resolve_device`, so reading the CPU costs nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from pathlib import Path
+
+
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's block of /proc/cpuinfo as {key: value} ({} where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    info: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if info:
+                break
+            continue
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    return info
+
+
+def cpu_name() -> str:
+    """ "Intel(R) Xeon(R) Processor", "AMD EPYC 7B13", ...: /proc/cpuinfo's model name, else platform's."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as the kernel reports them (avx2, avx512_vnni, amx_bf16, ...); empty where
+    /proc/cpuinfo does not exist (macOS, Windows): callers then assume nothing beyond the baseline."""
+    info = _cpuinfo()
+    return frozenset((info.get("flags") or info.get("Features") or "").split())
+
+
+def resolve_device(device: str, error: type[Exception] = ValueError):
+    """ "auto" -> cuda if available else cpu; an unknown name or a CUDA device that is not there raises
+    `error` (each caller's own error type) with what is allowed."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise error(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise error(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+    return dev
