@@ -21,8 +21,9 @@ from pathlib import Path
 from supmae_serve.model import CheckpointError
 
 from .onnx import DEFAULT_OPSET, ExportError
-from .pipeline import FORMATS, ONNX_PRECISIONS, ExportConfig, format_table, run_export, verify_existing
+from .pipeline import FORMATS, ONNX_PRECISIONS, ExportConfig, run_export, verify_existing
 from .quantize import QuantizeConfig
+from .report import format_table
 from .tensorrt import PRECISIONS as TRT_PRECISIONS
 from .tensorrt import Profile
 

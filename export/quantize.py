@@ -22,6 +22,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +48,21 @@ class QuantizeReport:
     quantized_nodes: dict[str, int] = field(default_factory=dict)  # op type -> count in the result
     excluded: list[str] = field(default_factory=list)
     calibration_images: int = 0
+
+    def describe(self, config: QuantizeConfig) -> dict[str, Any]:
+        """The manifest's "quantization" entry: how the file was quantised, so a reader can judge it."""
+        dynamic = self.method == "dynamic"
+        return {
+            "method": self.method,
+            "per_channel": config.per_channel,
+            "reduce_range": config.reduce_range if dynamic else True,
+            "weight_type": "int8",
+            "activation_type": "uint8",
+            "format": "QOperator (dynamic)" if dynamic else "QDQ",
+            "excluded_nodes": self.excluded,
+            "quantized_nodes": self.quantized_nodes,
+            "calibration_images": self.calibration_images,
+        }
 
 
 def _import_quantization():

@@ -13,13 +13,15 @@
 
 tensorrt is imported only inside `import_tensorrt`; without it the error names `pip install 'supmae[gpu]'`.
 Everything that does not need a GPU (precision decisions, profiles, names, the build sequence) takes the
-tensorrt module as an argument, so it is unit-tested with a fake module on any machine.
+tensorrt module as an argument, so it is unit-tested with a fake module on any machine. `build_engines`
+is the export's TensorRT stage: one engine per requested precision this GPU and TensorRT can build.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +275,54 @@ def build_engine(
         Path(config.timing_cache).parent.mkdir(parents=True, exist_ok=True)
         Path(config.timing_cache).write_bytes(bytes(bc.get_timing_cache().serialize()))
     return BuildReport(engine_path, config.precision, mode, pinned, config.timing_cache, cache_hit)
+
+
+@dataclass
+class BuiltEngine:
+    path: Path
+    precision: str
+    details: dict[str, Any]  # the manifest entry's "tensorrt" field: what it was built for and how
+
+
+def build_engines(
+    folder: Path,
+    fp32_onnx: str,
+    fp16_onnx: str | None,
+    image_size: int,
+    precisions: Sequence[str],
+    build: BuildConfig,
+    log: Callable[[str], None],
+) -> Iterator[BuiltEngine]:
+    """Build one engine per precision this GPU and TensorRT can build from the ONNX files in `folder`
+    (`plan_precisions`); the others are logged with the reason. The timing cache defaults to one in
+    `folder` named by GPU and version. Engines are yielded as they are built, so the caller can check
+    each before the next (minutes-long) build; raises TensorRTUnavailable before the first."""
+    trt = import_tensorrt()
+    cc = cuda_capability()
+    plans = plan_precisions(list(precisions), cc, trt, fp32_onnx, fp16_onnx)
+    cache = build.timing_cache or folder / timing_cache_filename(cc, trt.__version__)
+    for plan in plans:
+        if not plan.build:
+            log(f"      {plan.precision}: not built ({plan.reason})")
+            continue
+        engine = folder / engine_filename("encoder", plan.precision, cc, trt.__version__)
+        config = replace(build, precision=plan.precision, timing_cache=cache)
+        rep = build_engine(trt, folder / plan.onnx, engine, image_size, config, plan.mode)
+        profile = config.profile
+        yield BuiltEngine(
+            engine,
+            plan.precision,
+            {
+                "version": trt.__version__,
+                "arch": arch_tag(cc),
+                "mode": plan.mode,
+                "built_from": plan.onnx,
+                "profile": {"min": profile.min_batch, "opt": profile.opt_batch, "max": profile.max_batch},
+                "fp32_layers": len(rep.fp32_layers),
+                "timing_cache": str(cache),
+                "timing_cache_reused": rep.timing_cache_hit,
+            },
+        )
 
 
 def cuda_capability() -> tuple[int, int]:

@@ -15,6 +15,7 @@ against a `Tolerance` chosen by precision. The worst value over all outputs deci
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,10 +26,12 @@ import numpy as np
 import torch
 
 from supmae_serve.common.files import DataError, scan_images
+from supmae_serve.common.optional import install_hint
 from supmae_serve.model import ModelCard, SupMAE
+from supmae_serve.model.masking import seeded_keep_indices
 from supmae_serve.preprocess import ImageError, batch, decode_image
 
-from .onnx import ENCODER_OUTPUTS, ExportError
+from .onnx import ENCODER_OUTPUTS, RECONSTRUCT_OUTPUTS, ExportError, check_encoder_io, load_onnx
 
 
 @dataclass(frozen=True)
@@ -303,10 +306,10 @@ def torch_encoder_outputs(model: SupMAE, images: torch.Tensor) -> dict[str, np.n
 
 @torch.no_grad()
 def torch_reconstruct_outputs(
-    model: SupMAE, images: torch.Tensor, seeds: Sequence[int]
+    model: SupMAE, images: torch.Tensor, seeds: Sequence[int], mask_ratio: float | None = None
 ) -> dict[str, np.ndarray]:
-    r = model.reconstruct(images, seed=list(seeds))
-    return {k: getattr(r, k).float().numpy() for k in ("masked", "reconstruction", "pasted", "mask")}
+    r = model.reconstruct(images, mask_ratio=mask_ratio, seed=list(seeds))
+    return {k: getattr(r, k).float().numpy() for k in RECONSTRUCT_OUTPUTS}
 
 
 def ort_session(path: str | Path, threads: int = 0, providers: Sequence[str] | None = None):
@@ -351,6 +354,120 @@ def median_latency_ms(
     return 1000.0 * float(np.median(times))
 
 
+# ---------------------------------------------------------------------------- one artefact against torch
+def _encoder_parity(
+    run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    images: VerifyImages,
+    reference: Mapping[str, np.ndarray],
+    precision: str,
+    plan: Sequence[int],
+) -> VerifyResult:
+    got = run_in_chunks(run, {"images": images.images.numpy()}, plan)
+    return compare(
+        reference, got, precision, image_source=images.source, batch_sizes=plan, labels=images.labels
+    )
+
+
+def verify_onnx_encoder(
+    path: Path,
+    card: ModelCard,
+    images: VerifyImages,
+    reference: Mapping[str, np.ndarray],
+    precision: str,
+    threads: int,
+) -> VerifyResult:
+    """An ONNX encoder under onnxruntime's CPU provider: its inputs and outputs are the contract's
+    (`check_encoder_io`), then every output is compared at batch sizes 1, 3, 17, ..."""
+    check_encoder_io(load_onnx(path), card, str(path))
+    run = ort_runner(ort_session(path, threads))
+    return _encoder_parity(run, images, reference, precision, batch_plan(len(images.images)))
+
+
+def verify_engine(
+    path: Path, images: VerifyImages, reference: Mapping[str, np.ndarray], precision: str, max_batch: int
+) -> VerifyResult:
+    """A TensorRT engine on the GPU, at batch sizes 1, 3, 17 capped by its profile's largest batch."""
+    from .tensorrt import EngineRunner, import_tensorrt
+
+    runner = EngineRunner(import_tensorrt(), path)
+    plan = batch_plan(len(images.images), tuple(min(b, max_batch) for b in (1, 3, 17)))
+    return _encoder_parity(runner, images, reference, precision, plan)
+
+
+def verify_onnx_reconstruct(
+    path: Path, model: SupMAE, images: VerifyImages, threads: int, ratios: tuple[float, ...]
+) -> VerifyResult:
+    """The reconstruction graph against `model.reconstruct(seed=i)` at each mask ratio: the graph takes
+    the kept patch indices as an input, drawn here by the one mask definition (`seeded_keep_indices`),
+    so the masks must be bit-identical and the images within fp32 tolerance."""
+    load_onnx(path)
+    run = ort_runner(ort_session(path, threads))
+    x = images.images
+    seeds = list(range(len(x)))
+    plan = batch_plan(len(x))
+    refs: dict[str, list[np.ndarray]] = {}
+    gots: dict[str, list[np.ndarray]] = {}
+    for ratio in ratios:
+        ids = seeded_keep_indices(model.num_patches, ratio, seeds)  # (N, K)
+        ref = torch_reconstruct_outputs(model, x, seeds, mask_ratio=ratio)
+        got = run_in_chunks(run, {"images": x.numpy(), "ids_keep": ids.numpy()}, plan)
+        for k in ref:
+            refs.setdefault(k, []).append(ref[k])
+            gots.setdefault(k, []).append(got[k])
+    ref = {k: np.concatenate(v) for k, v in refs.items()}
+    got = {k: np.concatenate(v) for k, v in gots.items()}
+    src = f"{images.source}; mask ratios {list(ratios)}, seeds 0..{len(x) - 1}"
+    return compare(ref, got, "fp32", image_source=src, batch_sizes=plan, exact=("mask",))
+
+
+def verify_timm(
+    path: Path, card: ModelCard, images: VerifyImages, reference: Mapping[str, np.ndarray]
+) -> tuple[VerifyResult, dict]:
+    """timm's VisionTransformer loading `path` (a `save_timm` file) against the encoder's outputs;
+    also returns the (model name, kwargs) that build it, for the manifest."""
+    import timm
+
+    from supmae_serve.model import timm_model_args
+
+    name, kwargs = timm_model_args(card.config, card.variant)
+    vit = timm.create_model(name, **timm_model_args(card.config, card.variant, file=path)[1]).eval()
+    with torch.no_grad():
+        tokens = vit.forward_features(images.images)  # (N, 1+L, D) after the final norm
+        got = {
+            "embedding": vit.forward_head(tokens, pre_logits=True).numpy(),
+            "cls_token": tokens[:, 0].numpy(),
+            "patch_tokens": tokens[:, vit.num_prefix_tokens :].numpy(),
+        }
+        if card.config.framework == "finetuned":
+            got["logits"] = vit.forward_head(tokens).numpy()
+    ref = {k: v for k, v in reference.items() if k in got}
+    res = compare(ref, got, "fp32", image_source=images.source, labels=images.labels)
+    return res, {"model_name": name, "kwargs": kwargs}
+
+
+def verify_hf(
+    folder: Path, card: ModelCard, images: VerifyImages, reference: Mapping[str, np.ndarray]
+) -> VerifyResult:
+    """Load the Hugging Face folder with transformers and compare its encoder's tokens (every patch, in
+    order: mask ratio 0 and noise = arange) with the torch model's."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ExportError(
+            f"checking the Hugging Face folder needs transformers: {install_hint('transformers')} (or --no-verify)"
+        ) from e
+    arch = json.loads((folder / "config.json").read_text())["architectures"][0]
+    model = getattr(transformers, arch).from_pretrained(folder, mask_ratio=0.0).eval()
+    encoder = model.vit if arch == "ViTMAEForPreTraining" else model
+    n, length = len(images.images), card.config.num_patches
+    with torch.no_grad():
+        tokens = encoder(images.images, noise=torch.arange(float(length)).expand(n, length)).last_hidden_state
+    got = {"cls_token": tokens[:, 0].numpy(), "patch_tokens": tokens[:, 1:].numpy()}
+    return compare(
+        {k: reference[k] for k in got}, got, "fp32", image_source=images.source, labels=images.labels
+    )
+
+
 __all__ = [
     "TOLERANCES",
     "Tolerance",
@@ -369,4 +486,9 @@ __all__ = [
     "tolerance_for",
     "torch_encoder_outputs",
     "torch_reconstruct_outputs",
+    "verify_engine",
+    "verify_hf",
+    "verify_onnx_encoder",
+    "verify_onnx_reconstruct",
+    "verify_timm",
 ]
