@@ -18,6 +18,7 @@ from export.tensorrt import (
     Profile,
     TensorRTUnavailable,
     build_engine,
+    build_engines,
     engine_filename,
     engine_matches,
     keep_norms_fp32,
@@ -285,6 +286,81 @@ def test_build_engine_errors_are_clear(tmp_path):
     with pytest.raises(ExportError, match="failed to build a fp16 engine"):
         build_engine(trt, "m.onnx", tmp_path / "x.plan", 32, BuildConfig(), "weak")
     assert not (tmp_path / "x.plan").exists()
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A fake tensorrt 10.7 on a fake sm75 GPU (fp16 but no bf16), as `build_engines` finds them."""
+    trt = make_fake_trt()
+    monkeypatch.setattr(trt_export, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(trt_export, "cuda_capability", lambda: (7, 5))
+    return trt
+
+
+def test_build_engines_builds_each_buildable_precision_as_it_goes(tmp_path, fake_gpu):
+    log = []
+    engines = build_engines(
+        tmp_path,
+        "encoder.onnx",
+        None,
+        32,
+        ["bf16", "fp16", "fp32"],
+        BuildConfig(profile=Profile(1, 4, 16)),
+        log.append,
+    )
+    first = next(engines)  # one build per step: the caller checks an engine before the next is built
+    assert first.precision == "fp16" and first.path.name == "encoder.fp16.sm75.trt10.7.0.plan"
+    assert log == ["      bf16: not built (bf16 needs compute capability >= 8.0, this GPU is sm75)"]
+    assert sorted(p.name for p in tmp_path.glob("*.plan")) == [first.path.name]
+    rest = list(engines)
+    assert [e.precision for e in rest] == ["fp32"]
+    cache = (
+        tmp_path / "timing-cache.sm75.trt10.7.0.bin"
+    )  # the default: in the folder, named by GPU and version
+    assert cache.read_bytes().startswith(b"CACHE:")
+    assert first.details == {
+        "version": "10.7.0",
+        "arch": "sm75",
+        "mode": "weak",
+        "built_from": "encoder.onnx",
+        "profile": {"min": 1, "opt": 4, "max": 16},
+        "fp32_layers": 2,
+        "timing_cache": str(cache),
+        "timing_cache_reused": False,
+    }
+    assert rest[0].details["timing_cache_reused"] is True  # the second build reads the first one's cache
+
+
+def test_export_tensorrt_stage_records_engines_and_hands_one_to_triton(tmp_path, fake_gpu):
+    # the whole pipeline with the fake GPU: engines are built (unverified: no real GPU to run them on),
+    # recorded in the manifest with what they were built for, and the Triton repository serves one
+    from export.pipeline import ExportConfig, run_export
+    from supmae_serve.model import save_checkpoint
+    from tests.conftest import tiny_model
+
+    save_checkpoint(tiny_model(), tmp_path / "ck", variant="micro_patch4_32")
+    cfg = ExportConfig(
+        checkpoint=tmp_path / "ck",
+        out=tmp_path / "out",
+        precisions=("fp32",),
+        optimize=False,
+        reconstruct=False,
+        verify=False,
+        latency=False,
+        tensorrt=True,
+        trt_precisions=("fp16",),
+        profile=Profile(1, 4, 16),
+        triton=tmp_path / "triton",
+    )
+    log = []
+    result = run_export(cfg, log=log.append)
+    assert result.skipped == [] and not result.failed
+    engine = next(r for r in result.records if r.format == "tensorrt-plan")
+    assert engine.file == "encoder.fp16.sm75.trt10.7.0.plan" and engine.precision == "fp16"
+    assert engine.details["tensorrt"]["built_from"] == "encoder.onnx" and engine.verify["skipped"]
+    assert (tmp_path / "triton" / "supmae_encoder_trt" / "1" / "model.plan").read_bytes() == b"ENGINE-BYTES"
+    assert "[5/7] reconstruct.onnx skipped: --no-reconstruct" in log
+    assert any(line.startswith("[6/7] TensorRT engines done") for line in log)
 
 
 def test_missing_tensorrt_names_the_install_extra(monkeypatch):
