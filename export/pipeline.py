@@ -15,7 +15,11 @@ A stage is a name, `enabled(config, card)` and `run(context) -> records`: the fi
 check against, as torchtitan's trainer runs its list of model converters and big_vision its list of
 evaluators. Every artefact is verified against the PyTorch model (export/verify.py). One that fails its
 tolerance is listed under "failed" in the manifest (export/report.py), not under "artefacts", so a
-server reading the manifest never picks it; the command then exits non-zero.
+server reading the manifest never picks it; the command then exits non-zero. `verify_existing`
+(--verify-only) runs the same loop over one check stage per manifest entry.
+
+A new artefact: a function `(context) -> [Record]` that writes and verifies its file, and a `Stage` in
+`STAGES` after the stages whose files it builds on.
 """
 
 from __future__ import annotations
@@ -399,10 +403,16 @@ def _always(cfg: ExportConfig, card: ModelCard) -> bool:
     return True
 
 
+def _checkpoint(ctx: ExportContext) -> str:
+    return str(ctx.cfg.checkpoint)
+
+
+_TORCH_REFERENCE = Stage("torch reference outputs", _always, _torch_reference)  # export and --verify-only
+
 STAGES: tuple[Stage, ...] = (
-    Stage("load checkpoint", _always, _load_checkpoint, about=lambda ctx: str(ctx.cfg.checkpoint)),
+    Stage("load checkpoint", _always, _load_checkpoint, _checkpoint),
     Stage("verification images", _always, _verification_images),
-    Stage("torch reference outputs", _always, _torch_reference),
+    _TORCH_REFERENCE,
     Stage("encoder.onnx", lambda cfg, card: cfg.writes_onnx, _encoder_fp32, "(fp32, standard ONNX ops)"),
     Stage(
         "encoder.opt.onnx",
@@ -514,9 +524,9 @@ def verify_existing(cfg: ExportConfig, log: Callable[[str], None] = _stderr) -> 
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ExportError(f"{path}: malformed manifest ({e})") from e
     stages = [
-        Stage("load checkpoint", _always, _load_same_model, about=lambda ctx: str(ctx.cfg.checkpoint)),
+        Stage("load checkpoint", _always, _load_same_model, _checkpoint),
         Stage("verification images", _always, _reverification_images),
-        Stage("torch reference outputs", _always, _torch_reference),
+        _TORCH_REFERENCE,
         *(Stage(f"check {e['file']}", _always, partial(_check_entry, e)) for e in entries),
     ]
     ctx = ExportContext(cfg, log)
