@@ -10,7 +10,9 @@ dynamic batch axis is exercised, and each output is compared:
     top1_agreement  fraction of images whose arg-max class agrees (classifying models)
     accuracy      top-1 accuracy of torch and the artefact when the images carry labels
 
-against a `Tolerance` chosen by precision. The worst value over all outputs decides.
+against a `Tolerance` chosen by precision. The worst value over all outputs decides. One function per
+kind of artefact runs it and does the comparison (`verify_onnx_encoder`, `verify_onnx_reconstruct`,
+`verify_timm`, `verify_hf`, `verify_engine`): the export's stages and `--verify-only` call the same ones.
 """
 
 from __future__ import annotations
