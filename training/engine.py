@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from supmae_serve.model import SupMAE, save_checkpoint
+from supmae_serve.model import SupMAE, create_model, save_checkpoint
 from supmae_serve.model.checkpoint import Preprocessing
 from supmae_serve.preprocess import normalize, to_tensor
 
@@ -622,7 +622,7 @@ def train(
             ev = evaluate_head(model, data.val, cfg.eval_batch_size, dist, prep, amp_dtype)
             res = {"top1": ev["top1"], "top5": ev["top5"], "images": ev["images"]}
             if ema is not None:
-                shadow = SupMAE(mcfg).to(device) if not _is_probe(model) else None
+                shadow = create_model(mcfg).to(device) if not _is_probe(model) else None
                 if shadow is not None:
                     shadow.load_state_dict(ema.state_dict())
                     res["ema_top1"] = evaluate_head(
@@ -761,7 +761,7 @@ def train(
     final_model = export_model(model)
     weights = "model"
     if ema is not None and not _is_probe(model):
-        final_model = SupMAE(mcfg)
+        final_model = create_model(mcfg)
         final_model.load_state_dict(ema.state_dict())
         weights = "ema"
     split = "holdout" if "holdout" in data.description else "val"
@@ -826,7 +826,7 @@ def _is_probe(model: nn.Module) -> bool:
 
 
 def _cpu_copy(model: SupMAE) -> SupMAE:
-    m = SupMAE(model.config)
+    m = create_model(model.config)
     m.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
     return m
 

@@ -39,7 +39,7 @@ def load_source(checkpoint: str, img_size: int = 0) -> tuple[SupMAE, ModelCard]:
     source, card = load_checkpoint(checkpoint)
     if not img_size or img_size == source.config.img_size:
         return source, card
-    resized = SupMAE(dataclasses.replace(source.config, img_size=img_size))
+    resized = create_model(source.config, img_size=img_size)
     grid = resized.config.grid
     state = source.state_dict()
     for k in ("encoder.pos_embed", "decoder_pos_embed"):
@@ -59,7 +59,7 @@ def continue_pretraining(
         raise ValueError(
             f"{checkpoint}: pretraining continues from a pretrained checkpoint, not a fine-tuned one"
         )
-    model = SupMAE(dataclasses.replace(source.config, num_classes=num_classes, **recipe))
+    model = create_model(source.config, num_classes=num_classes, **recipe)
     target = model.state_dict()
     copied = {
         k: v
@@ -92,7 +92,7 @@ def finetune_model(
         label_smoothing=label_smoothing,
         cls_pool=pool,
     )
-    model = SupMAE(cfg)
+    model = create_model(cfg)
     state = source.encoder.state_dict()
     if pool == "avg":  # global pooling: fc_norm starts fresh, the final norm is dropped (MAE)
         state = {k: v for k, v in state.items() if not k.startswith(("norm.", "fc_norm."))}
@@ -135,7 +135,7 @@ def linprobe_model(
     cfg = dataclasses.replace(
         source.config, framework="supervised", num_classes=num_classes, cls_hidden_dim=0, cls_pool=pool
     )
-    model = SupMAE(cfg)
+    model = create_model(cfg)
     model.encoder.load_state_dict(source.encoder.state_dict(), strict=True)
     model.cls_head = ProbeHead(cfg.embed_dim, num_classes)
     model.encoder.requires_grad_(False)
@@ -145,7 +145,7 @@ def linprobe_model(
 def export_model(model: SupMAE) -> SupMAE:
     """The model as the checkpoint contract wants it (the probe's BatchNorm folded away)."""
     if isinstance(getattr(model, "cls_head", None), ProbeHead):
-        out = SupMAE(model.config)
+        out = create_model(model.config)
         state = {k: v for k, v in model.state_dict().items() if not k.startswith("cls_head.")}
         out.load_state_dict(
             {**state, **{f"cls_head.{k}": v for k, v in model.cls_head.folded().state_dict().items()}}

@@ -123,10 +123,10 @@ def pool_features(
 
 
 def probs_from_logits(card: ModelCard, logits: np.ndarray) -> np.ndarray:
-    """softmax(logits / T): masked frameworks train their head with CE(logits / T, y) (T = cls_temperature,
-    10 in the official code), so that is the distribution the head learned; other frameworks use T = 1."""
-    t = card.config.cls_temperature if card.framework in ("supmae", "mae", "simmim") else 1.0
-    z = logits.astype(np.float64) / t
+    """softmax(logits / T) with the T the head was trained with (`ModelConfig.logit_temperature`: the
+    official cls_temperature of 10 for masked frameworks, 1 otherwise), so that is the distribution the
+    head learned."""
+    z = logits.astype(np.float64) / card.config.logit_temperature
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)

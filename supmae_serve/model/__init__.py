@@ -11,12 +11,15 @@ from .checkpoint import (
     timm_model_args,
     timm_state_dict,
 )
+from .config import FRAMEWORKS, ModelConfig
 from .official import imagenet_class_names, import_official
-from .supmae import FRAMEWORKS, Features, ModelConfig, Reconstruction, SupMAE, SupMAEOutput, count_parameters
-from .variants import VARIANTS, create_model, model_config
+from .simmim import SimMIM
+from .supmae import Features, Reconstruction, SupMAE, SupMAEOutput, count_parameters
+from .variants import MODEL_CLASSES, VARIANTS, create_model, model_config
 
 __all__ = [
     "FRAMEWORKS",
+    "MODEL_CLASSES",
     "VARIANTS",
     "CheckpointError",
     "Features",
@@ -24,6 +27,7 @@ __all__ = [
     "ModelConfig",
     "Preprocessing",
     "Reconstruction",
+    "SimMIM",
     "SupMAE",
     "SupMAEOutput",
     "count_parameters",

@@ -22,8 +22,9 @@ from safetensors.torch import load_file, save_file
 from supmae_serve.common.files import atomic_write
 from supmae_serve.common.versions import software_versions
 
-from .supmae import ModelConfig, SupMAE
-from .variants import TIMM_NAMES, VARIANTS, size_of
+from .config import ModelConfig
+from .supmae import SupMAE
+from .variants import TIMM_NAMES, VARIANTS, create_model, size_of
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
@@ -302,7 +303,7 @@ def load_checkpoint(
     weights_path, _ = _resolve(path)
     card = load_model_card(path)
     state = _read_safetensors(weights_path)
-    model = SupMAE(card.config)
+    model = create_model(card.config)
     check_state_dict(model, state, str(weights_path))
     target = dtype or torch.float32
     state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}

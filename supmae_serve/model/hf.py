@@ -29,8 +29,9 @@ from safetensors.torch import load_file, save_file
 from supmae_serve.common.files import atomic_write
 
 from .checkpoint import CheckpointError, ModelCard
+from .config import ModelConfig
 from .official import assemble, sha256_of
-from .supmae import ModelConfig, SupMAE
+from .supmae import SupMAE
 from .variants import find_variant
 
 CONFIG_NAME = "config.json"

@@ -38,9 +38,10 @@ from typing import Any
 import torch
 
 from .checkpoint import CheckpointError, ModelCard, Preprocessing, _short, check_state_dict
+from .config import ModelConfig
 from .masking import interpolate_pos_embed
-from .supmae import ModelConfig, SupMAE
-from .variants import VARIANTS, decoder_heads, find_variant, size_defaults
+from .supmae import SupMAE
+from .variants import VARIANTS, create_model, decoder_heads, find_variant, size_defaults
 
 # the only non-plain type the official `save_model` writes (`args`); tensors, dicts, lists, tuples,
 # numbers, strings, None and OrderedDict are what torch's weights-only unpickler allows anyway
@@ -331,7 +332,7 @@ def assemble(
         variant = find_variant(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # fresh parts are the same on every import
-        model = SupMAE(config)
+        model = create_model(config)
     expected = model.state_dict()
     unexpected = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state))

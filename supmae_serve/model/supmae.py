@@ -7,13 +7,12 @@ facebookresearch/mae `models_mae.py`):
                     -> forward_pool -> forward_head         (classification branch)
 
 The encoder is a timm `VisionTransformer`, so `model.encoder.state_dict()` loads straight into
-`timm.create_model(...)`. One `ModelConfig` selects the framework:
+`timm.create_model(...)`. One `ModelConfig` (config.py) selects the framework:
 
 - ``supmae``:     masking, MAE decoder, classification branch on the visible tokens (the paper).
 - ``mae``:        masking and decoder, no classification branch.
-- ``simmim``:     SimMIM with the same supervised branch: SimMIM's block masks (32-px mask patches),
-                  mask tokens replace the masked patches inside the encoder, a linear head predicts raw
-                  pixels, L1 loss on masked patches.
+- ``simmim``:     the `SimMIM` subclass (simmim.py) overrides the masking, encoder, decoder, loss and
+                  pooling stages; `create_model` picks the class from the config.
 - ``supervised``: no masking, no decoder: the naive supervised ViT baseline.
 - ``finetuned``:  what fine-tuning produces (MAE's `models_vit.py`): global pool + fc_norm (no final
                   norm) + linear head, or with ``cls_pool="cls"`` the cls token after the final norm;
@@ -22,7 +21,6 @@ The encoder is a timm `VisionTransformer`, so `model.encoder.state_dict()` loads
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -33,12 +31,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from .config import ModelConfig
 from .masking import (
-    block_mask_count,
-    block_masking,
     gather_tokens,
     mask_from_keep,
-    num_visible,
     patchify,
     random_masking,
     scatter_tokens,
@@ -46,92 +42,6 @@ from .masking import (
     sincos_pos_embed_2d,
     unpatchify,
 )
-
-FRAMEWORKS = ("supmae", "mae", "simmim", "supervised", "finetuned")
-MASKED_FRAMEWORKS = ("supmae", "mae", "simmim")
-
-
-@dataclass
-class ModelConfig:
-    """Everything that defines the network's shape and losses. Saved verbatim in the model card."""
-
-    framework: str = "supmae"
-    # encoder: a timm VisionTransformer
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    drop_path_rate: float = 0.0
-    # MAE decoder; the SupMAE ViT-B recipe uses 512-d with ONE block (PRETRAIN.md, `dec512d1b`)
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 1
-    decoder_num_heads: int = 16
-    mask_ratio: float = 0.75
-    mask_patch_size: int = 32  # simmim: side of SimMIM's square mask blocks in pixels (MaskGenerator)
-    norm_pix_loss: bool = True
-    # classification branch: Linear(D->hidden) -> BN -> ReLU -> Linear(hidden->classes); hidden 0 = linear
-    num_classes: int = 1000
-    cls_hidden_dim: int = 3072
-    cls_pool: str = "avg"  # "avg": mean of the (visible) patch tokens; "cls": the cls token
-    cls_loss_ratio: float = 0.01  # official default
-    cls_temperature: float = 10.0  # official default: CE(logits / 10, y)
-    label_smoothing: float = 0.0
-    norm_eps: float = 1e-6  # every LayerNorm's eps (official: 1e-6; Hugging Face ViTMAE configs: 1e-12)
-
-    def __post_init__(self) -> None:
-        if self.framework not in FRAMEWORKS:
-            raise ValueError(f"unknown framework {self.framework!r}; expected one of {FRAMEWORKS}")
-        if self.cls_pool not in ("avg", "cls"):
-            raise ValueError(f"cls_pool must be 'avg' or 'cls', got {self.cls_pool!r}")
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        num_visible(self.num_patches, self.mask_ratio)  # validates the ratio
-        if self.framework == "simmim":
-            if self.mask_patch_size % self.patch_size or self.img_size % self.mask_patch_size:
-                raise ValueError(
-                    f"mask_patch_size {self.mask_patch_size} must be a multiple of patch_size {self.patch_size} "
-                    f"and divide img_size {self.img_size}"
-                )
-            count, blocks = block_mask_count(
-                self.grid, self.mask_patch_size // self.patch_size, self.mask_ratio
-            )
-            if count >= blocks:
-                raise ValueError(
-                    f"SimMIM block masking with {self.mask_patch_size}-px mask patches on {self.img_size}-px "
-                    f"images masks all {blocks} blocks at mask_ratio {self.mask_ratio}; lower mask_patch_size"
-                )
-
-    @property
-    def grid(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid**2
-
-    @property
-    def has_decoder(self) -> bool:
-        return self.framework in MASKED_FRAMEWORKS
-
-    @property
-    def has_head(self) -> bool:
-        return self.framework != "mae" and self.num_classes > 0
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}")
-        return cls(**d)
 
 
 class SupMAEOutput(NamedTuple):
@@ -164,8 +74,19 @@ def _norm_layer(eps: float):
 
 
 class SupMAE(nn.Module):
+    """MAE's encoder and decoder with SupMAE's classification branch. The framework (one of `frameworks`)
+    leaves out the branch (mae) or the masking and the decoder (supervised, finetuned). Other frameworks
+    are subclasses overriding the stages that differ (`SimMIM`, simmim.py); `create_model` picks the class."""
+
+    frameworks: tuple[str, ...] = ("supmae", "mae", "supervised", "finetuned")
+
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if config.framework not in self.frameworks:
+            raise ValueError(
+                f"{type(self).__name__} builds {', '.join(self.frameworks)} models, not {config.framework!r}: "
+                "build models with create_model(config), which picks the class from the config"
+            )
         self.config = c = config
         self.encoder = VisionTransformer(
             img_size=c.img_size,
@@ -187,31 +108,8 @@ class SupMAE(nn.Module):
         )
         # pretraining keeps MAE's fixed 2-D sin-cos table; fine-tuning trains it (timm's ViT in main_finetune.py)
         self.encoder.pos_embed.requires_grad_(c.framework == "finetuned")
-        patch_dim = c.patch_size**2 * c.in_chans
-
-        if c.framework in ("supmae", "mae"):
-            self.decoder_embed = nn.Linear(c.embed_dim, c.decoder_embed_dim)
-            self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_embed_dim))
-            self.decoder_pos_embed = nn.Parameter(
-                torch.zeros(1, c.num_patches + 1, c.decoder_embed_dim), requires_grad=False
-            )
-            self.decoder_blocks = nn.ModuleList(
-                Block(
-                    c.decoder_embed_dim,
-                    c.decoder_num_heads,
-                    c.mlp_ratio,
-                    qkv_bias=True,
-                    norm_layer=_norm_layer(c.norm_eps),
-                )
-                for _ in range(c.decoder_depth)
-            )
-            self.decoder_norm = _norm_layer(c.norm_eps)(c.decoder_embed_dim)
-            self.decoder_pred = nn.Linear(c.decoder_embed_dim, patch_dim)
-        elif c.framework == "simmim":
-            # SimMIM: a mask token in the encoder's width, a linear pixel head on every patch token
-            self.mask_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
-            self.decoder_pred = nn.Linear(c.embed_dim, patch_dim)
-
+        if c.has_decoder:
+            self.build_decoder()
         if c.has_head:
             if c.framework == "finetuned" or c.cls_hidden_dim == 0:
                 self.cls_head = nn.Linear(c.embed_dim, c.num_classes)
@@ -223,6 +121,27 @@ class SupMAE(nn.Module):
                     nn.Linear(c.cls_hidden_dim, c.num_classes),
                 )
         self.initialize_weights()
+
+    def build_decoder(self) -> None:
+        """MAE's decoder: its own width, a mask token, a fixed sin-cos table, blocks, a pixel head."""
+        c = self.config
+        self.decoder_embed = nn.Linear(c.embed_dim, c.decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(
+            torch.zeros(1, c.num_patches + 1, c.decoder_embed_dim), requires_grad=False
+        )
+        self.decoder_blocks = nn.ModuleList(
+            Block(
+                c.decoder_embed_dim,
+                c.decoder_num_heads,
+                c.mlp_ratio,
+                qkv_bias=True,
+                norm_layer=_norm_layer(c.norm_eps),
+            )
+            for _ in range(c.decoder_depth)
+        )
+        self.decoder_norm = _norm_layer(c.norm_eps)(c.decoder_embed_dim)
+        self.decoder_pred = nn.Linear(c.decoder_embed_dim, c.patch_size**2 * c.in_chans)
 
     # ------------------------------------------------------------------ init
     def initialize_weights(self) -> None:
@@ -274,18 +193,12 @@ class SupMAE(nn.Module):
 
     # ------------------------------------------------------------------ reconstruction branch
     def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Encode only the kept patches (MAE) or every patch with mask tokens (SimMIM): -> (N, 1+K, D)."""
+        """Encode only the kept patches (`mask` is implied by `ids_keep`): -> (N, 1+K, D)."""
         x = self._embed(imgs)  # (N, L, D)
-        if self.config.framework == "simmim":
-            w = mask.unsqueeze(-1).type_as(x)  # (N, L, 1)
-            x = x * (1 - w) + (self.mask_token + self.encoder.pos_embed[:, 1:, :]) * w
-            return self._run_blocks(x)  # (N, 1+L, D)
         return self._run_blocks(gather_tokens(x, ids_keep))  # (N, 1+K, D)
 
     def forward_decoder(self, latent: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Encoder tokens -> per-patch pixel predictions (N, L, p*p*C)."""
-        if self.config.framework == "simmim":
-            return self.decoder_pred(latent[:, 1:, :])
         x = self.decoder_embed(latent)  # (N, 1+K, Dd)
         n, _, dd = x.shape
         canvas = self.mask_token.to(x.dtype).expand(n, self.num_patches, dd)  # (N, L, Dd)
@@ -297,31 +210,30 @@ class SupMAE(nn.Module):
         return self.decoder_pred(x)[:, 1:, :]  # (N, L, p*p*C), cls dropped
 
     def reconstruction_target(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The pixels the decoder learns to predict: each patch normalised by its own mean and std when
+        `norm_pix_loss` (MAE), else the input's pixels. -> (N, L, p*p*C)"""
         target = self.patchify(imgs)  # (N, L, p*p*C)
-        if self.config.norm_pix_loss and self.config.framework != "simmim":
+        if self.config.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         return target
 
+    def patch_error(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """MAE's per-patch mean squared error: (N, L, p*p*C) x 2 -> (N, L)."""
+        return (pred - target).pow(2).mean(-1)
+
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean per-patch error on the removed patches only: MSE (MAE) or L1 on raw pixels (SimMIM)."""
+        """Mean per-patch error (`patch_error`) on the removed patches only."""
         target = self.reconstruction_target(imgs)
-        err = pred.float() - target.float()
-        per_patch = err.abs().mean(-1) if self.config.framework == "simmim" else err.pow(2).mean(-1)  # (N, L)
+        per_patch = self.patch_error(pred.float(), target.float())  # (N, L)
         return (per_patch * mask).sum() / mask.sum()
 
     # ------------------------------------------------------------------ classification branch
     def forward_pool(self, latent: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, 1+K, D) -> (N, D). "avg" averages the patch tokens only (cls excluded); under SimMIM,
-        where every patch is in the sequence, only the visible ones (mask == 0) are averaged."""
-        if self.config.cls_pool == "cls":
-            pooled = latent[:, 0]
-        elif mask is not None and self.config.framework == "simmim":
-            keep = (1 - mask).unsqueeze(-1).type_as(latent)  # (N, L, 1)
-            pooled = (latent[:, 1:] * keep).sum(1) / keep.sum(1).clamp_min(1)
-        else:
-            pooled = latent[:, 1:].mean(dim=1)
+        """(N, 1+K, D) -> (N, D). "avg" averages the patch tokens only (cls excluded): the encoder saw only
+        the visible patches, so `mask` is not needed here."""
+        pooled = latent[:, 0] if self.config.cls_pool == "cls" else latent[:, 1:].mean(dim=1)
         return self.encoder.fc_norm(pooled)
 
     def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -329,19 +241,15 @@ class SupMAE(nn.Module):
 
     def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """CE(logits / T, y); labels may be class indices (N,) or soft targets (N, classes)."""
-        t = self.config.cls_temperature if self.config.framework in MASKED_FRAMEWORKS else 1.0
+        t = self.config.logit_temperature
         return F.cross_entropy(logits.float() / t, labels, label_smoothing=self.config.label_smoothing)
 
     # ------------------------------------------------------------------ training forward
     def draw_mask(
         self, batch: int, mask_ratio: float, device: torch.device, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training mask: per-patch random (MAE, SupMAE) or SimMIM's block mask, drawn from `noise`
-        (N, L) when given. -> ids_keep (N, K), mask (N, L) with 1 = removed."""
-        c = self.config
-        if c.framework == "simmim":
-            block = c.mask_patch_size // c.patch_size
-            return block_masking(batch, c.grid, block, mask_ratio, device, noise=noise)
+        """The training mask: MAE's per-patch random masking, drawn from `noise` (N, L) when given.
+        -> ids_keep (N, K), mask (N, L) with 1 = removed."""
         ids_keep, mask, _ = random_masking(batch, self.num_patches, mask_ratio, device, noise=noise)
         return ids_keep, mask
 
@@ -354,7 +262,7 @@ class SupMAE(nn.Module):
     ) -> SupMAEOutput:
         """One training step's forward. `noise` (N, L) fixes the masking (else torch.rand)."""
         c = self.config
-        if c.framework not in MASKED_FRAMEWORKS:
+        if not c.has_decoder:  # supervised, finetuned: every patch, no reconstruction
             latent = self._run_blocks(self._embed(imgs))
             logits = self.forward_head(self.forward_pool(latent))
             if labels is None:
@@ -390,14 +298,8 @@ class SupMAE(nn.Module):
             raise ValueError(f"a {self.config.framework!r} model has no decoder to reconstruct with")
         mask = mask_from_keep(ids_keep, self.num_patches)  # (N, L)
         latent = self.forward_encoder(imgs, ids_keep, mask)
-        pred = self.forward_decoder(latent, ids_keep).float()  # (N, L, p*p*C)
-        target = self.patchify(imgs).float()
-        if self.config.norm_pix_loss and self.config.framework != "simmim":
-            # The decoder predicts each patch's normalised pixels. To show them we restore each
-            # patch's own mean and std from the input, as the MAE paper's figures do.
-            mean = target.mean(dim=-1, keepdim=True)
-            std = (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
-            pred = pred * std + mean
+        target = self.patchify(imgs).float()  # (N, L, p*p*C)
+        pred = self.prediction_pixels(self.forward_decoder(latent, ids_keep).float(), target)
         w = mask.unsqueeze(-1)  # (N, L, 1)
         return Reconstruction(
             masked=self.unpatchify(target * (1 - w)),
@@ -405,6 +307,16 @@ class SupMAE(nn.Module):
             pasted=self.unpatchify(target * (1 - w) + pred * w),
             mask=mask,
         )
+
+    def prediction_pixels(self, pred: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """The decoder's prediction (N, L, p*p*C) in the input's pixel space. With `norm_pix_loss` it
+        predicts each patch's normalised pixels: to show them each patch's own mean and std are restored
+        from the input `pixels`, as the MAE paper's figures do."""
+        if not self.config.norm_pix_loss:
+            return pred
+        mean = pixels.mean(dim=-1, keepdim=True)
+        std = (pixels.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
+        return pred * std + mean
 
     @torch.no_grad()
     def reconstruct(

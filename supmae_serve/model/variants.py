@@ -1,4 +1,5 @@
-"""Model sizes in one table, and the one way in: `create_model(name, **overrides)`.
+"""Model sizes in one table, and the one way in: `create_model(name or config, **overrides)`, which picks
+the model class from the config's framework (`SupMAE`, or `SimMIM` for simmim).
 
 Names read `<size>_patch<p>_<img>`: `base_patch16_224` is ViT-B/16 at 224 px, `tiny_patch4_32` is
 ViT-T/4 at 32 px (CIFAR). Encoder widths are the ViT paper's / DeiT's; decoders are the SupMAE recipe's
@@ -7,7 +8,14 @@ ViT-T/4 at 32 px (CIFAR). Encoder widths are the ViT paper's / DeiT's; decoders 
 
 from __future__ import annotations
 
-from .supmae import ModelConfig, SupMAE
+import dataclasses
+
+from .config import ModelConfig
+from .simmim import SimMIM
+from .supmae import SupMAE
+
+# the class that builds each framework
+MODEL_CLASSES: dict[str, type[SupMAE]] = {f: cls for cls in (SupMAE, SimMIM) for f in cls.frameworks}
 
 # encoder sizes: (embed_dim, depth, num_heads)
 _SIZES = {
@@ -111,7 +119,14 @@ def model_config(name: str, **overrides) -> ModelConfig:
     return ModelConfig(**{**VARIANTS[name], **overrides})
 
 
-def create_model(name: str, **overrides) -> SupMAE:
-    """create_model("base_patch16_224") is the paper's SupMAE ViT-B/16; any ModelConfig field can be
-    overridden, e.g. create_model("tiny_patch4_32", num_classes=10, framework="mae")."""
-    return SupMAE(model_config(name, **overrides))
+def create_model(spec: str | ModelConfig, **overrides) -> SupMAE:
+    """A fresh model of a variant name or a config, of the class its framework needs (`MODEL_CLASSES`).
+
+    create_model("base_patch16_224") is the paper's SupMAE ViT-B/16; any ModelConfig field can be
+    overridden, e.g. create_model("tiny_patch4_32", num_classes=10, framework="simmim"), also of a
+    config: create_model(card.config, img_size=64)."""
+    if isinstance(spec, ModelConfig):
+        config = dataclasses.replace(spec, **overrides)
+    else:
+        config = model_config(spec, **overrides)
+    return MODEL_CLASSES[config.framework](config)
