@@ -30,7 +30,7 @@ from supmae_serve.backends.graph import (
 )
 from supmae_serve.backends.registry import RuntimeProbe, choose_backend
 from supmae_serve.backends.torch_backend import TorchBackend
-from supmae_serve.model import save_checkpoint
+from supmae_serve.model import create_model, save_checkpoint
 from supmae_serve.model.masking import seeded_keep_indices
 
 from .conftest import tiny_model
@@ -124,6 +124,28 @@ def test_pool_features_reads_only_what_it_needs():
         pool_features(card, "cls", embedding=None, cls_token=None, patch_tokens=tokens)
     p = probs_from_logits(card, np.array([[1000.0, 0.0]]))  # numerically stable
     assert np.isfinite(p).all() and p[0, 0] > p[0, 1]
+
+
+@pytest.mark.parametrize(
+    "framework, expected_t",
+    [("supmae", 4.0), ("mae", 4.0), ("simmim", 4.0), ("supervised", 1.0), ("finetuned", 1.0)],
+)
+def test_serving_and_training_share_one_temperature(framework, expected_t):
+    """`ModelConfig.logit_temperature` is the T of both the training loss CE(logits / T, y) and the served
+    softmax(logits / T): one rule, read from the config (cls_temperature for masked frameworks, else 1)."""
+    card = fake_card(framework=framework, cls_temperature=4.0)
+    assert card.config.logit_temperature == expected_t
+    logits = np.random.default_rng(1).standard_normal((3, 10)) * 5
+    expect = torch.softmax(torch.from_numpy(logits) / expected_t, dim=1).numpy()
+    np.testing.assert_allclose(probs_from_logits(card, logits), expect, rtol=1e-5, atol=1e-7)
+    if framework == "mae":
+        return  # no head to train
+    torch.manual_seed(0)
+    model = create_model(card.config)
+    labels = torch.tensor([1, 5, 9])
+    loss = model.classification_loss(torch.from_numpy(logits).float(), labels)
+    ce = torch.nn.functional.cross_entropy(torch.from_numpy(logits).float() / expected_t, labels)
+    torch.testing.assert_close(loss, ce)
 
 
 def test_precision_rules(ckpt, images):
