@@ -4,7 +4,8 @@
 Every inference route runs the same steps: parse the body (any of the three forms) -> validate options ->
 decode each image on the thread pool -> send the good ones through the batcher -> one result per input, in
 order, a failed image carrying its own status, code and message. The response status is 200 when at least one
-image succeeded, otherwise the items' shared status (422 when they differ).
+image succeeded, otherwise the items' shared status (422 when they differ). `_run` does these steps; what
+differs per route (its options, batch key and seed, how an item and the header render) is one `Route`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import hmac
 import io
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -114,18 +115,29 @@ def _status(items: list[dict]) -> int:
     return failed[0] if len(set(failed)) == 1 else 422
 
 
-async def _run(
-    request: Request,
-    service: InferenceService,
-    options_model: type[BaseModel],
-    capability: str,
-    make_key: Callable[[Any], tuple],
-    seed_of: Callable[[Any], int | None],
-    render: Callable[[Any, int, Any, torch.Tensor], Any],
-    header: Callable[[Any], dict],
-) -> JSONResponse:
+@dataclass(frozen=True)
+class Route:
+    """One inference route: all `_run` needs to know beyond the steps every route shares.
+
+    task:    the capability it needs, its label in the metrics, the first element of its batch keys
+    options: its options model (the query string merged with the body's `options`)
+    batch:   (service, options) -> (batch key, seed per image): images with equal keys share a model call;
+             raises ApiError for options this model or these settings do not allow
+    render:  (service, options, index, result, the image's input tensor) -> its item of the response's `data`
+    header:  options -> the fields the response carries beside `data`
+    """
+
+    task: str
+    options: type[BaseModel]
+    batch: Callable[[InferenceService, Any], tuple[tuple, int | None]]
+    render: Callable[[InferenceService, Any, int, Any, torch.Tensor], dict]
+    header: Callable[[Any], dict] = lambda opts: {}
+
+
+async def _run(request: Request, route: Route) -> Response:
+    service: InferenceService = request.app.state.service  # (no Depends on the hot path)
     parsed = await parse_request(request, service.request_limits)
-    opts = _options(options_model, request, parsed.options)
+    opts = _options(route.options, request, parsed.options)
     if not parsed.items:
         raise ApiError(422, "no_images", "no images in the request")
     if len(parsed.items) > service.request_limits.max_images:
@@ -135,10 +147,10 @@ async def _run(
             f"request has {len(parsed.items)} images; the limit is {service.request_limits.max_images} images per request",
         )
     try:
-        service.require(capability)
+        service.require(route.task)
     except CapabilityError as e:
         raise ApiError(422, "capability_unavailable", str(e)) from e
-    key = make_key(opts)
+    key, seed = route.batch(service, opts)
     timeout_s = service.settings.request_timeout_s  # one deadline: fetching, decoding, queue and inference
     deadline = asyncio.get_running_loop().time() + timeout_s
     try:
@@ -146,8 +158,7 @@ async def _run(
         prepared = await asyncio.wait_for(service.prepare(parsed.items), timeout_s)
         good = [(i, x) for i, x in enumerate(prepared) if isinstance(x, torch.Tensor)]
         remaining = max(deadline - asyncio.get_running_loop().time(), 0.001)
-        payloads = [(x, seed_of(opts)) for _, x in good]
-        results = await service.infer(key, payloads, remaining) if good else []
+        results = await service.infer(key, [(x, seed) for _, x in good], remaining) if good else []
     except QueueFullError as e:
         raise ApiError(429, "queue_full", str(e), {"Retry-After": str(e.retry_after_s)}) from e
     except BatcherClosedError as e:
@@ -156,34 +167,20 @@ async def _run(
         raise ApiError(504, "timeout", f"no result within the request timeout of {timeout_s:g} s") from e
     except CapabilityError as e:
         raise ApiError(422, "capability_unavailable", str(e)) from e
-    task = capability
 
-    items: list[dict] = [None] * len(prepared)  # type: ignore[list-item]
-    for i, x in enumerate(prepared):
-        if isinstance(x, ImageError):
-            items[i] = _error_item(i, x)
-    m = service.metrics
-    m.images.labels(task, "ok").inc(len(good))
-    m.images.labels(task, "error").inc(len(prepared) - len(good))
-    headers = {}
-    if results:
-        queue_ms = max(r.queue_s for r in results) * 1000
-        inference_ms = max(r.inference_s for r in results) * 1000
-        request.state.queue_ms, request.state.inference_ms = queue_ms, inference_ms
-        headers = {
-            "X-Queue-Time-Ms": f"{queue_ms:.2f}",
-            "X-Inference-Time-Ms": f"{inference_ms:.2f}",
-            "X-Batch-Size": str(max(r.batch_size for r in results)),
-        }
+    items: list = [_error_item(i, x) if isinstance(x, ImageError) else None for i, x in enumerate(prepared)]
+    service.metrics.images.labels(route.task, "ok").inc(len(good))
+    service.metrics.images.labels(route.task, "error").inc(len(prepared) - len(good))
+    headers = _timing_headers(request, results)
 
     def body() -> bytes:  # rendering and JSON encoding: CPU work for a thread, not the event loop
         for (i, x), r in zip(good, results, strict=True):
-            items[i] = render(opts, i, r.value, x)
+            items[i] = route.render(service, opts, i, r.value, x)
         return _json(
             {
                 "object": "list",
                 "model": service.card.variant or service.card.framework,
-                **header(opts),
+                **route.header(opts),
                 "data": items,
                 "usage": {"images": len(items), "succeeded": len(good), "failed": len(items) - len(good)},
             }
@@ -191,6 +188,20 @@ async def _run(
 
     content = await service.run_blocking(body)
     return Response(content, _status(items), headers=headers, media_type="application/json")
+
+
+def _timing_headers(request: Request, results: list) -> dict[str, str]:
+    """The batch's queue and inference times and size, as headers and for the access log."""
+    if not results:
+        return {}
+    queue_ms = max(r.queue_s for r in results) * 1000
+    inference_ms = max(r.inference_s for r in results) * 1000
+    request.state.queue_ms, request.state.inference_ms = queue_ms, inference_ms
+    return {
+        "X-Queue-Time-Ms": f"{queue_ms:.2f}",
+        "X-Inference-Time-Ms": f"{inference_ms:.2f}",
+        "X-Batch-Size": str(max(r.batch_size for r in results)),
+    }
 
 
 def _json(body: dict) -> bytes:
@@ -208,8 +219,15 @@ def _json(body: dict) -> bytes:
     return ("{" + ",".join(fields) + "}").encode()
 
 
-# ---------------------------------------------------------------------------- rendering per task
-def _render_embedding(opts: EmbedOptions, index: int, value: np.ndarray, _x) -> dict:
+# ---------------------------------------------------------------------------- the routes' tasks
+def _embed_batch(service: InferenceService, o: EmbedOptions) -> tuple[tuple, None]:
+    check_pooling(o.pooling)
+    return ("embed", o.pooling), None
+
+
+def _render_embedding(
+    service: InferenceService, opts: EmbedOptions, index: int, value: np.ndarray, _x
+) -> dict:
     v = np.asarray(value, dtype=np.float32)
     if opts.normalize:
         v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
@@ -220,12 +238,76 @@ def _render_embedding(opts: EmbedOptions, index: int, value: np.ndarray, _x) -> 
     return {"index": index, "object": "embedding", "embedding": emb, "shape": list(v.shape)}
 
 
+def _render_classification(
+    service: InferenceService, o: ClassifyOptions, index: int, probs: np.ndarray, _x
+) -> dict:
+    k = min(o.top_k, probs.shape[0])
+    best = np.argpartition(-probs, k - 1)[:k] if k < probs.shape[0] else np.arange(k)
+    best = best[np.argsort(-probs[best], kind="stable")]  # the k best, best first
+    labels = service.labels
+    preds = [{"label": labels[j], "class_index": int(j), "score": float(probs[j])} for j in best]
+    return {"index": index, "object": "classification", "predictions": preds}
+
+
+def _mask_ratio(service: InferenceService, o: ReconstructOptions) -> float:
+    return service.card.config.mask_ratio if o.mask_ratio is None else o.mask_ratio
+
+
+def _reconstruct_batch(service: InferenceService, o: ReconstructOptions) -> tuple[tuple, int]:
+    cfg, ratio = service.card.config, _mask_ratio(service, o)
+    if o.upscale > service.settings.max_upscale:
+        raise ApiError(
+            422, "invalid_option", f"upscale is {o.upscale}; the limit is {service.settings.max_upscale}"
+        )
+    if int(cfg.num_patches * (1 - ratio)) < 1:
+        raise ApiError(
+            422, "invalid_option", f"mask_ratio {ratio} leaves no visible patch of {cfg.num_patches}"
+        )
+    return ("reconstruct", float(ratio)), o.seed
+
+
+def _render_reconstruction(
+    service: InferenceService, o: ReconstructOptions, index: int, r: Reconstructed, x: torch.Tensor
+) -> dict:
+    mask = np.asarray(r.mask).round().astype(int)
+    grid = service.card.config.grid
+    return {
+        "index": index,
+        "object": "reconstruction",
+        "mask_ratio": _mask_ratio(service, o),
+        "seed": o.seed,
+        "grid": [grid, grid],
+        "visible_patches": int((mask == 0).sum()),
+        "mask": mask.tolist(),
+        "media_type": "image/png",
+        "images": {
+            "original": _png(x.float().cpu(), service, o.upscale),
+            "masked": _png(r.masked, service, o.upscale),
+            "reconstruction": _png(r.reconstruction, service, o.upscale),
+            "reconstruction_visible": _png(r.pasted, service, o.upscale),
+        },
+    }
+
+
 def _png(x: np.ndarray | torch.Tensor, service: InferenceService, upscale: int) -> str:
     t = torch.as_tensor(np.asarray(x, dtype=np.float32)).unsqueeze(0)  # (1, 3, S, S)
     img = to_pil(t, service.card.preprocessing, upscale=upscale)[0]
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False, compress_level=3)
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+EMBED = Route(
+    "embed",
+    EmbedOptions,
+    _embed_batch,
+    _render_embedding,
+    header=lambda o: {"pooling": o.pooling, "normalized": o.normalize, "encoding_format": o.encoding_format},
+)
+CLASSIFY = Route(
+    "classify", ClassifyOptions, lambda service, o: (("classify",), None), _render_classification
+)
+RECONSTRUCT = Route("reconstruct", ReconstructOptions, _reconstruct_batch, _render_reconstruction)
 
 
 # ---------------------------------------------------------------------------- routers
@@ -244,92 +326,19 @@ ERRORS = {
 }
 
 
-async def embed(request: Request) -> JSONResponse:
+async def embed(request: Request) -> Response:
     """Embeddings of one or more images: the mean patch token (avg), the cls token, or every patch token."""
-    service: InferenceService = request.app.state.service  # (no Depends on the hot path)
-
-    def key(o: EmbedOptions) -> tuple:
-        check_pooling(o.pooling)
-        return ("embed", o.pooling)
-
-    return await _run(
-        request,
-        service,
-        EmbedOptions,
-        "embed",
-        key,
-        lambda o: None,
-        _render_embedding,
-        lambda o: {"pooling": o.pooling, "normalized": o.normalize, "encoding_format": o.encoding_format},
-    )
+    return await _run(request, EMBED)
 
 
-async def classify(request: Request) -> JSONResponse:
+async def classify(request: Request) -> Response:
     """The top-k classes of each image, with softmax probabilities and the model card's class names."""
-    service: InferenceService = request.app.state.service  # (no Depends on the hot path)
-    labels = service.labels
-
-    def render(o: ClassifyOptions, index: int, probs: np.ndarray, _x) -> dict:
-        k = min(o.top_k, probs.shape[0])
-        best = np.argpartition(-probs, k - 1)[:k] if k < probs.shape[0] else np.arange(k)
-        best = best[np.argsort(-probs[best], kind="stable")]  # the k best, best first
-        preds = [{"label": labels[j], "class_index": int(j), "score": float(probs[j])} for j in best]
-        return {"index": index, "object": "classification", "predictions": preds}
-
-    return await _run(
-        request,
-        service,
-        ClassifyOptions,
-        "classify",
-        lambda o: ("classify",),
-        lambda o: None,
-        render,
-        lambda o: {},
-    )
+    return await _run(request, CLASSIFY)
 
 
-async def reconstruct(request: Request) -> JSONResponse:
+async def reconstruct(request: Request) -> Response:
     """Masked reconstruction: which patches were hidden (seeded), and the decoder's prediction as PNGs."""
-    service: InferenceService = request.app.state.service  # (no Depends on the hot path)
-    cfg = service.card.config
-    grid = cfg.img_size // cfg.patch_size
-
-    def ratio(o: ReconstructOptions) -> float:
-        return cfg.mask_ratio if o.mask_ratio is None else o.mask_ratio
-
-    def key(o: ReconstructOptions) -> tuple:
-        if o.upscale > service.settings.max_upscale:
-            raise ApiError(
-                422, "invalid_option", f"upscale is {o.upscale}; the limit is {service.settings.max_upscale}"
-            )
-        if int(cfg.num_patches * (1 - ratio(o))) < 1:
-            raise ApiError(
-                422, "invalid_option", f"mask_ratio {ratio(o)} leaves no visible patch of {cfg.num_patches}"
-            )
-        return ("reconstruct", float(ratio(o)))
-
-    def render(o: ReconstructOptions, index: int, r: Reconstructed, x: torch.Tensor) -> dict:
-        mask = np.asarray(r.mask).round().astype(int)
-        return {
-            "index": index,
-            "object": "reconstruction",
-            "mask_ratio": ratio(o),
-            "seed": o.seed,
-            "grid": [grid, grid],
-            "visible_patches": int((mask == 0).sum()),
-            "mask": mask.tolist(),
-            "media_type": "image/png",
-            "images": {
-                "original": _png(x.float().cpu(), service, o.upscale),
-                "masked": _png(r.masked, service, o.upscale),
-                "reconstruction": _png(r.reconstruction, service, o.upscale),
-                "reconstruction_visible": _png(r.pasted, service, o.upscale),
-            },
-        }
-
-    return await _run(
-        request, service, ReconstructOptions, "reconstruct", key, lambda o: o.seed, render, lambda o: {}
-    )
+    return await _run(request, RECONSTRUCT)
 
 
 for _router in (v1, aliases):
