@@ -107,20 +107,10 @@ def test_simmim_trains_with_ema_and_continues_from_a_supmae_checkpoint(tmp_path)
     """The trainer builds every model through create_model: a SimMIM run (with its EMA shadow and final
     model) saves a SimMIM checkpoint, and a SupMAE checkpoint continues as SimMIM pretraining."""
     from training.engine import FINAL, train
-    from training.recipes import get_recipe
 
-    torch.set_num_threads(1)
-    base = dataclasses.replace(
-        get_recipe("debug"),
-        synthetic_images=48,
-        holdout=16,
-        batch_size=8,
-        epochs=1,
-        max_steps=2,
-        progress="none",
-        tensorboard=False,
-        recon_images=0,
-    )
+    from .test_train import small  # the debug recipe, smaller
+
+    base = small(epochs=1, max_steps=2)
     res = train(dataclasses.replace(base, framework="simmim", ema_decay=0.9), tmp_path / "simmim")
     model, card = load_checkpoint(tmp_path / "simmim" / FINAL)
     assert type(model) is SimMIM and card.framework == "simmim" and card.training["weights"] == "ema"
