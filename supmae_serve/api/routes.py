@@ -158,7 +158,8 @@ async def _run(request: Request, route: Route) -> Response:
         prepared = await asyncio.wait_for(service.prepare(parsed.items), timeout_s)
         good = [(i, x) for i, x in enumerate(prepared) if isinstance(x, torch.Tensor)]
         remaining = max(deadline - asyncio.get_running_loop().time(), 0.001)
-        results = await service.infer(key, [(x, seed) for _, x in good], remaining) if good else []
+        payloads = [(x, seed) for _, x in good]
+        results = await service.infer(key, payloads, remaining) if good else []
     except QueueFullError as e:
         raise ApiError(429, "queue_full", str(e), {"Retry-After": str(e.retry_after_s)}) from e
     except BatcherClosedError as e:
