@@ -51,6 +51,8 @@ def train_step(
     device. `noise` is the per-patch masking noise (None: the model draws it); `nan_loss` turns the loss
     into NaN (fault injection for the trainer's non-finite-loss guard)."""
     opt = parts.optimizer
+    # gradients freed before the forward, not after it: the last step's do not sit beside the activations
+    opt.zero_grad(set_to_none=True)
     with torch.autocast(
         parts.device_type,
         dtype=parts.amp_dtype or torch.float32,
@@ -61,7 +63,6 @@ def train_step(
     loss = out.loss
     if nan_loss:
         loss = loss * float("nan")
-    opt.zero_grad(set_to_none=True)
     scaler = parts.scaler
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
