@@ -1,4 +1,5 @@
-"""Design rules as tests: the import direction between packages (ARCHITECTURE.md)."""
+"""Design rules as tests: the import direction between packages, and the one place model input is made
+(ARCHITECTURE.md)."""
 
 import ast
 import subprocess

@@ -205,8 +205,9 @@ def _setup(cfg: TrainConfig, out: Path, dist: DistInfo) -> Run:
     extra = {"config": cfg.to_dict(), "class_names": data.class_names}
     checkpointer = Checkpointer(out, parts, extra, rank=dist.rank, is_main=dist.is_main)
     return Run(
-        cfg, dist, out, prep, data, model, variant, init_info, opt, scaler, ema, sched, mixup, amp_dtype,
-        peak_lr, validator, checkpointer,
+        cfg=cfg, dist=dist, out=out, prep=prep, data=data, model=model, variant=variant, init_info=init_info,
+        optimizer=opt, scaler=scaler, ema=ema, sched=sched, mixup=mixup, amp_dtype=amp_dtype, peak_lr=peak_lr,
+        validator=validator, checkpointer=checkpointer,
     )  # fmt: skip
 
 

@@ -15,6 +15,8 @@ from supmae_serve.common.progress import Progress  # noqa: F401  (re-exported: t
 from supmae_serve.model.checkpoint import Preprocessing
 from supmae_serve.preprocess import denormalize
 
+from .distributed import all_reduce_mean
+
 
 class MetricsLog:
     """Append-only JSON lines (`metrics.jsonl`); one record per log interval and per evaluation."""
@@ -128,8 +130,6 @@ class TrainLog:
 
     def flush(self, epoch: int, step: int) -> None:
         """Write the interval's record (the mean over its steps and processes)."""
-        from .distributed import all_reduce_mean
-
         if not self.buf:
             return
         vals = all_reduce_mean(torch.stack(self.buf)).cpu()  # (k, T): the global-batch means

@@ -24,6 +24,8 @@ import torch
 
 from supmae_serve.common.files import atomic_write
 
+from .distributed import all_gather_objects, barrier
+
 LAST = "last.pt"
 RUN_KEYS = ("epoch", "step_in_epoch", "step", "history", "elapsed_s")  # RunState's part of last.pt
 
@@ -150,8 +152,6 @@ class Checkpointer:
         return {**parts, **run.state_dict(), "rng": rngs, **self.extra}
 
     def save(self, run: RunState) -> None:
-        from .distributed import all_gather_objects, barrier
-
         rngs = all_gather_objects(rng_state())
         if self.is_main:
             atomic_save(self.state(run, rngs), self.path)
