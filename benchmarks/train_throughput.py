@@ -1,7 +1,8 @@
 """Pretraining-step throughput: SupMAE vs Hugging Face ViTMAEForPreTraining, side by side in one process.
 
 One step = forward, backward and AdamW step on a batch of random images that already sit on the
-device (the data pipeline is not measured). For each row the table gives images/s, ms per step,
+device (the data pipeline is not measured), run by the trainer's own `training.step.train_step` (the
+levers below wrap it; the HF model runs through it too). For each row the table gives images/s, ms per step,
 training FLOPs per image (fwd + bwd, counted once per model with torch's `FlopCounterMode`, the same
 count as `benchmarks/model_flops.py`), achieved TFLOP/s and peak memory.
 
@@ -49,15 +50,18 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # model_flops beside this file
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # training.step, when run from anywhere
 from model_flops import step_flops  # noqa: E402
 
 from supmae_serve.common.system import cpu_name
 from supmae_serve.model import ModelConfig, SupMAE, model_config  # noqa: E402
+from training.step import StepParts, train_step  # noqa: E402
 
 DTYPES = ("bf16", "fp32")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -197,12 +201,14 @@ def sweep_rows(device: torch.device, which: str = "all") -> list[RowSpec]:
 # ---------------------------------------------------------------------------------------------- models
 @dataclass
 class Contender:
-    """A model plus how to get its training loss from (images, labels)."""
+    """A model plus how to get its training loss from (images, labels); `train_step` runs `loss` under
+    autocast to `amp_dtype`."""
 
     name: str
     model: nn.Module
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     no_decay: set[str]
+    amp_dtype: torch.dtype | None = None
 
 
 def hf_config(c: ModelConfig):
@@ -240,33 +246,24 @@ def build_hf(c: ModelConfig) -> nn.Module:
     return ViTMAEForPreTraining._from_config(hf_config(c), attn_implementation="sdpa")
 
 
-def _autocast(device: torch.device, dtype: str, graphs: bool):
-    # the autocast weight cache must be off while a CUDA graph is captured (its casts must be replayed)
-    return torch.autocast(
-        device.type, dtype=torch.bfloat16, enabled=dtype == "bf16", cache_enabled=not graphs
-    )
-
-
 def make_contender(spec: RowSpec, c: ModelConfig, device: torch.device, dtype: str) -> Contender:
     """Build the row's model at config `c` (ours: with the row's framework) on `device`."""
-    graphs = spec.levers.cuda_graphs
+    amp = torch.bfloat16 if dtype == "bf16" else None
     if spec.impl == "ours":
         model = SupMAE(dataclasses.replace(c, framework=spec.framework)).to(device).train()
 
         def loss(imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            with _autocast(device, dtype, graphs):
-                return model(imgs, labels).loss
+            return model(imgs, labels).loss
 
-        return Contender(spec.label, model, loss, model.no_weight_decay())
+        return Contender(spec.label, model, loss, model.no_weight_decay(), amp)
     if spec.impl == "hf":
         model = build_hf(c).to(device).train()
 
         def loss(imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            with _autocast(device, dtype, graphs):
-                return model(pixel_values=imgs).loss
+            return model(pixel_values=imgs).loss
 
         no_decay = {n for n, _ in model.named_parameters() if n.endswith(("cls_token", "mask_token"))}
-        return Contender(HF_NAME, model, loss, no_decay)
+        return Contender(HF_NAME, model, loss, no_decay, amp)
     raise ValueError(f"unknown implementation {spec.impl!r}; expected 'ours' or 'hf'")
 
 
@@ -288,6 +285,10 @@ def build_optimizer(contender: Contender, lr: float | torch.Tensor, fused: bool,
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class _Loss(NamedTuple):
+    loss: torch.Tensor
+
+
 def make_step(
     contender: Contender,
     levers: Levers,
@@ -295,7 +296,8 @@ def make_step(
     example: tuple[torch.Tensor, torch.Tensor],
     compile_backend: str = "inductor",
 ) -> tuple[StepFn, torch.optim.Optimizer]:
-    """A callable (images, labels) -> loss (a device tensor, never read back) doing one full step."""
+    """A callable (images, labels) -> loss (a device tensor, never read back) doing one full step: the
+    trainer's `train_step`, with the row's levers around it."""
     lr = 1.5e-4 * example[0].shape[0] / 256  # the recipe's scaling rule; the value does not matter here
     graphs = levers.cuda_graphs
     if graphs:
@@ -311,42 +313,43 @@ def make_step(
         if not levers.fused_adamw:  # the fused kernel is already a single launch per group
             opt_step = torch.compile(opt.step, backend=compile_backend, mode=mode)
     mark_step = levers.compile and levers.compile_mode == "reduce-overhead"
+    parts = StepParts(
+        forward=lambda imgs, labels, noise: _Loss(loss_fn(imgs, labels)),
+        optimizer=opt,
+        device_type=device.type,
+        amp_dtype=contender.amp_dtype,
+        # the autocast weight cache must be off while a CUDA graph is captured (its casts must be replayed)
+        autocast_cache=not graphs,
+        optimizer_step=opt_step,
+    )
 
     def step(imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if mark_step:  # cudagraph trees: a new iteration starts, earlier outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
-        loss = loss_fn(imgs, labels)
-        loss.backward()
-        opt_step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return train_step(parts, imgs, labels)[0]
 
     if not graphs:
         return step, opt
-    return capture_step(loss_fn, opt_step, opt, example), opt
+    return capture_step(parts, example), opt
 
 
-def capture_step(loss_fn, opt_step, opt, example, warmup: int = 3) -> StepFn:
-    """Capture forward + backward + optimizer step as one CUDA graph (PyTorch's whole-network capture
-    recipe: warm up on a side stream, gradients set to None so the capture allocates them from the
-    graph's pool, then replay). Inputs are copied into static buffers each step; the random masking
-    stays random because CUDA generators advance their offset on every replay."""
+def capture_step(parts: StepParts, example, warmup: int = 3) -> StepFn:
+    """Capture `train_step` (forward + backward + optimizer step) as one CUDA graph (PyTorch's
+    whole-network capture recipe: warm up on a side stream, gradients set to None so the capture
+    allocates them from the graph's pool, then replay). Inputs are copied into static buffers each
+    step; the random masking stays random because CUDA generators advance their offset on every replay."""
     static_imgs = example[0].clone()
     static_labels = example[1].clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):  # lazy initialisation (optimizer state, cuBLAS, compilation)
-            opt.zero_grad(set_to_none=True)
-            loss_fn(static_imgs, static_labels).backward()
-            opt_step()
+            train_step(parts, static_imgs, static_labels)
     torch.cuda.current_stream().wait_stream(side)
-    opt.zero_grad(set_to_none=True)
+    parts.optimizer.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_loss = loss_fn(static_imgs, static_labels)
-        static_loss.backward()
-        opt_step()
+        static_loss = train_step(parts, static_imgs, static_labels)[0]
 
     def step(imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         static_imgs.copy_(imgs, non_blocking=True)

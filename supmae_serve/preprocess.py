@@ -312,12 +312,34 @@ def normalize(x: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     return (x - mean) / std
 
 
-def to_tensor(img: Image.Image, prep: Preprocessing) -> torch.Tensor:
-    """RGB PIL image -> normalised (3, S, S) float32."""
-    arr = np.asarray(resize_crop(img, prep), dtype=np.uint8)  # (S, S, 3)
-    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)  # (3, S, S)
+def normalize_image(img: Image.Image, prep: Preprocessing) -> torch.Tensor:
+    """RGB PIL image, already at its final size, -> normalised (3, H, W) float32: no resize (for training
+    pipelines whose random crop has sized the image; `to_tensor` resizes first)."""
+    arr = np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)  # (H, W, 3)
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
     mean, std = _stats(prep)
     return (x - mean[0]) / std[0]
+
+
+def to_tensor(img: Image.Image, prep: Preprocessing) -> torch.Tensor:
+    """RGB PIL image -> normalised (3, S, S) float32."""
+    return normalize_image(resize_crop(img, prep), prep)
+
+
+def resize_uint8(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    """A uint8 (N, 3, H, W) stack -> (N, 3, size, size) uint8, bicubic and antialiased, `chunk` images at a
+    time (a whole dataset in float32 at once would need 4x its memory). The trainer's in-memory validation
+    images take this path when they are stored at another size than the model's (CIFAR at 32 px for a
+    larger model); a stack already at `size` is returned as is."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = []
+    for part in images.split(chunk):
+        x = torch.nn.functional.interpolate(
+            part.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False
+        )  # (n, 3, size, size) float in about [0, 255]
+        out.append(x.clamp(0, 255).round().to(torch.uint8))
+    return torch.cat(out)
 
 
 def batch(images: Iterable[Image.Image], prep: Preprocessing) -> torch.Tensor:

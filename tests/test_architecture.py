@@ -1,4 +1,5 @@
-"""Design rules as tests: the import direction between packages (ARCHITECTURE.md)."""
+"""Design rules as tests: the import direction between packages, and the one place model input is made
+(ARCHITECTURE.md)."""
 
 import ast
 import subprocess
@@ -107,3 +108,44 @@ def test_features_import_does_not_load_faiss_pyarrow_or_ray():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# Calls that resize or normalise images (torch, torchvision, PIL, timm). Model input is made only by
+# supmae_serve/preprocess.py; anywhere else such a call must be listed here with what it does instead.
+IMAGE_OPS = {
+    "interpolate", "grid_sample", "resize", "resized_crop", "thumbnail",
+    "Resize", "CenterCrop", "RandomResizedCrop", "Normalize", "ToTensor", "create_transform",
+}  # fmt: skip
+NOT_MODEL_INPUT = {
+    ("supmae_serve/model/masking.py", "interpolate"): "position tables (interpolate_pos_embed), not images",
+    ("training/augment.py", "grid_sample"): "random resized crops: training augmentation on the device",
+    ("training/augment.py", "resize"): "the linear probe's clamped random crop: training augmentation",
+    ("training/batches.py", "create_transform"): "timm's RandAugment/erasing pipeline (normalises with the card's mean/std, as erasing needs)",
+    ("training/corruptions.py", "resize"): "the pixelate corruption (ImageNet-C), applied before preprocessing",
+    ("training/observe.py", "resize"): "enlarges the reconstruction PNG for viewing",
+}  # fmt: skip
+
+
+def image_op_calls(root: Path) -> set[tuple[str, str]]:
+    """(file, operation) of every call of an IMAGE_OPS name in the packages under `root`."""
+    found = set()
+    for pkg in ("supmae_serve", "training", "export", "app"):
+        for py in (root / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(py.read_text())):
+                if isinstance(node, ast.Call):
+                    f = node.func
+                    name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+                    if name in IMAGE_OPS:
+                        found.add((str(py.relative_to(root)), name))
+    return found
+
+
+def test_model_input_is_preprocessed_only_in_preprocess_py():
+    """ARCHITECTURE.md: one module turns images into model input (resize, normalise), so training,
+    export and serving cannot drift apart. Validation images resized by the trainer go through
+    preprocess.resize_uint8; augmentation and the other listed uses are not model-input preprocessing."""
+    outside = {(f, op) for f, op in image_op_calls(ROOT) if f != "supmae_serve/preprocess.py"}
+    unexplained = sorted(k for k in outside if k not in NOT_MODEL_INPUT)
+    assert unexplained == [], f"resize/normalise outside supmae_serve/preprocess.py: {unexplained}"
+    stale = sorted(k for k in NOT_MODEL_INPUT if k not in outside)
+    assert stale == [], f"listed in NOT_MODEL_INPUT but no longer called there: {stale}"

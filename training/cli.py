@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="change any TrainConfig field, e.g. --set epochs=20 --set blr=1e-4 (repeatable)",
+        help="change any TrainConfig field, e.g. --set epochs=20 --set blr=1e-4 (repeatable); a key may "
+        "name the field's group: --set optim.blr=1e-4",
     )
     return p
 
@@ -68,7 +69,7 @@ def recorded_command(args: argparse.Namespace, start: str | None = None) -> str:
         words.append("--resume")
     for item in args.overrides:
         key, sep, value = item.partition("=")
-        if sep and key.strip().replace("-", "_") in PATH_FIELDS:
+        if sep and key.strip().replace("-", "_").rpartition(".")[2] in PATH_FIELDS:  # data.val_data too
             item = f"{key}={card_path(value.strip(), start)}"
         words += ["--set", item]
     return shlex.join(words)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -13,6 +14,8 @@ from supmae_serve.common.optional import install_hint
 from supmae_serve.common.progress import Progress  # noqa: F401  (re-exported: training.observe.Progress)
 from supmae_serve.model.checkpoint import Preprocessing
 from supmae_serve.preprocess import denormalize
+
+from .distributed import all_reduce_mean
 
 
 class MetricsLog:
@@ -91,3 +94,79 @@ def reconstruction_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+# ------------------------------------------------------------------------------ the trainer's log
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the intact checkpoint."""
+
+
+class TrainLog:
+    """The training loop's records: step losses buffered on the device and written every `log_every`
+    steps (one device sync each), evaluation records, to metrics.jsonl, TensorBoard and the progress
+    display. A non-finite loss among the buffered steps raises NonFiniteLossError, naming the step and
+    `last`, the run state left untouched."""
+
+    def __init__(self, metrics: MetricsLog, tb: TensorBoard, progress, terms: list[str], lr_at, last: Path):
+        self.metrics, self.tb, self.progress, self.terms, self.lr_at, self.last = (
+            metrics,
+            tb,
+            progress,
+            terms,
+            lr_at,
+            last,
+        )
+        self.start(0)
+
+    def start(self, step: int) -> None:
+        """A new logging interval beginning after `step`."""
+        self.buf: list[torch.Tensor] = []
+        self.first, self.t0, self.images = step, time.perf_counter(), 0
+
+    def add(self, losses: torch.Tensor, images: int) -> None:
+        """One step's loss terms (T,) on the device, and the images of its global batch."""
+        self.buf.append(losses)
+        self.images += images
+
+    def flush(self, epoch: int, step: int) -> None:
+        """Write the interval's record (the mean over its steps and processes)."""
+        if not self.buf:
+            return
+        vals = all_reduce_mean(torch.stack(self.buf)).cpu()  # (k, T): the global-batch means
+        bad = (~torch.isfinite(vals)).any(1).nonzero()
+        if len(bad):
+            at = self.first + int(bad[0])
+            msg = (
+                f"non-finite loss ({vals[int(bad[0])].tolist()}) at step {at} (epoch {epoch}); run stopped. "
+                f"The last good run state {self.last} is untouched"
+                + (" (none was written yet)" if not self.last.exists() else "")
+                + ". Lower the lr (blr), set clip_grad, or use amp=bf16/fp32, then --resume."
+            )
+            self.metrics.write({"kind": "error", "step": at, "epoch": epoch, "message": msg})
+            raise NonFiniteLossError(msg)
+        dt = time.perf_counter() - self.t0
+        mean = vals.mean(0).tolist()
+        rec = {"kind": "train", "epoch": epoch, "step": step, **dict(zip(self.terms, mean, strict=True))}
+        rec["lr"] = self.lr_at(step - 1)
+        rec["img_s"] = self.images / max(dt, 1e-9)
+        self.metrics.write(rec)
+        self.tb.scalars({k: v for k, v in rec.items() if k not in ("kind", "step")}, step, "train")
+        info = {"ep": epoch, **{k: rec[k] for k in self.terms}, "lr": rec["lr"], "img/s": round(rec["img_s"])}
+        self.progress.update(step, info)
+        self.start(step)
+
+    def evaluation(self, res: dict, epoch: int, step: int, is_main: bool) -> dict:
+        """Record an evaluation's results (Validator's dict) -> the record kept in the run's history."""
+        rec = {"kind": "eval", "epoch": epoch, "step": step, **res}
+        self.metrics.write(rec)
+        scores = {k: v for k, v in res.items() if k != "eval_s"}
+        self.tb.scalars(scores, step, "val")
+        if is_main and scores:
+            self.progress.message(
+                f"epoch {epoch}: holdout top-1 {res['top1']:.4f} top-5 {res['top5']:.4f} ({res['images']} images)"
+            )
+        return rec
+
+    def close(self) -> None:
+        self.progress.close()
+        self.tb.close()

@@ -17,14 +17,26 @@ from dataclasses import dataclass
 STAGES = ("pretrain", "finetune", "linprobe")
 
 
+# The fields of a run, grouped by the component that reads them. `TrainConfig` inherits every group, so a
+# field is still one flat attribute (`cfg.lr`, `TrainConfig(lr=...)`, `--set lr=...`, the flat config saved
+# in the run folder and the model card); `--set optim.lr=...` names the group too, and
+# `cfg.group("optim")` hands a component its group alone.
 @dataclass
-class TrainConfig:
-    """Every knob of a run. Field comments give the unit and the allowed values."""
+class RunSettings:
+    """The run itself; read by `training.engine.train` (the loop: stopping rules, seeding)."""
 
     recipe: str = "custom"
     stage: str = "pretrain"  # pretrain | finetune | linprobe
+    seed: int = 0
+    max_minutes: float = 0.0  # time budget: stop at the epoch boundary that would exceed it; 0 = none
+    max_steps: int = 0  # stop after this many optimiser steps (smoke runs); 0 = none
+    inject_nan_at_step: int = -1  # fault injection for tests: the loss at this step becomes NaN
 
-    # ---------------------------------------------------------------- model
+
+@dataclass
+class ModelSettings:
+    """The model and its losses; read by `training.engine._build_model` (training/stages.py)."""
+
     variant: str = "tiny_patch4_32"  # a supmae_serve.model.VARIANTS name
     framework: str = "supmae"  # pretrain: supmae | mae | simmim | supervised
     mask_ratio: float = 0.75
@@ -36,8 +48,13 @@ class TrainConfig:
     pool: str = "avg"  # what the head reads: avg (patch tokens; official pretraining and fine-tuning) | cls
     checkpoint: str = ""  # finetune / linprobe: the pretrained checkpoint; pretrain: start from its weights
     img_size: int = 0  # finetune / linprobe: 0 = the checkpoint's; else its position table is interpolated
+    num_classes: int = 0  # 0 = take it from the data
 
-    # ---------------------------------------------------------------- data
+
+@dataclass
+class DataSettings:
+    """Where the images come from and how they are batched; read by `training.batches.build_data`."""
+
     data: str = ""  # ImageFolder root, CIFAR-10 python folder, WebDataset shards, or "synthetic"
     dataset: str = "auto"  # auto | folder | cifar10 | wds | synthetic
     val_data: str = ""  # a separate validation set (same kinds as `data`); else the hold-out
@@ -45,6 +62,18 @@ class TrainConfig:
     holdout_seed: int = 0
     in_memory: str = "auto"  # auto | true | false: decode once into a uint8 tensor (on the GPU if any)
     in_memory_max_gb: float = 8.0  # "auto" keeps a dataset in memory below this decoded size
+    batch_size: int = 256  # per process; the global batch is batch_size x world size
+    num_workers: int = 4  # DataLoader workers for the streaming (not in-memory) path
+    synthetic_images: int = 512  # size of the synthetic dataset
+    synthetic_classes: int = 10
+    wds_samples: int = 0  # WebDataset: images per epoch (shards do not say; required for wds)
+
+
+@dataclass
+class AugmentSettings:
+    """Training augmentation; read by `training.batches` (crops, flips, RandAug, erasing, jitter) and by the
+    loop's Mixup/CutMix."""
+
     scale_min: float = 0.2  # RandomResizedCrop area range
     scale_max: float = 1.0
     crop: str = (
@@ -52,23 +81,19 @@ class TrainConfig:
     )
     hflip: bool = True
     interpolation: str = "bicubic"  # bicubic | bilinear (the crop resampling in training)
-    num_workers: int = 4  # DataLoader workers for the streaming (not in-memory) path
-    synthetic_images: int = 512  # size of the synthetic dataset
-    synthetic_classes: int = 10
-    wds_samples: int = 0  # WebDataset: images per epoch (shards do not say; required for wds)
-    num_classes: int = 0  # 0 = take it from the data
-
-    # ---------------------------------------------------------------- augmentation (finetune)
-    mixup: float = 0.0
+    mixup: float = 0.0  # fine-tuning
     cutmix: float = 0.0
     randaug: str = ""  # timm auto_augment string, e.g. "rand-m9-mstd0.5-inc1"
     reprob: float = 0.0  # random erasing probability
     color_jitter: float = 0.0
 
-    # ---------------------------------------------------------------- optimisation
+
+@dataclass
+class OptimSettings:
+    """The optimiser, its schedule and the step; read by `training.engine` (optim.py, schedule.py, step.py)."""
+
     epochs: int = 100
     warmup_epochs: float = 5.0
-    batch_size: int = 256  # per process; the global batch is batch_size x world size
     blr: float = 1.5e-4  # base lr; lr = blr x global batch / 256
     lr: float = 0.0  # absolute lr (overrides blr when > 0)
     min_lr: float = 0.0
@@ -85,20 +110,61 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     sync_bn: bool = True  # BatchNorm statistics over the global batch; false: per process (official DDP)
 
-    # ---------------------------------------------------------------- run
-    seed: int = 0
-    max_minutes: float = 0.0  # time budget: stop at the epoch boundary that would exceed it; 0 = none
-    max_steps: int = 0  # stop after this many optimiser steps (smoke runs); 0 = none
+
+@dataclass
+class EvalSettings:
+    """In-loop validation; read by `training.validate`."""
+
     eval_every: int = 1  # epochs between evaluations (and the last epoch always)
+    eval_batch_size: int = 512
+    recon_images: int = 8  # reconstructions drawn into the PNG grid at each evaluation; 0 = none
+
+
+@dataclass
+class CheckpointSettings:
+    """What the run folder keeps; read by `training.run_state` and the final-checkpoint writer."""
+
     save_every: int = 0  # also keep `epoch_NNNN.pt` every N epochs; `last.pt` is written every epoch
     save_every_steps: int = 0  # also update `last.pt` every N steps (long epochs); 0 = epoch ends only
     save_dtype: str = "float32"  # final checkpoint weights: float32 | float16 | bfloat16
+
+
+@dataclass
+class LogSettings:
+    """Metrics and progress; read by `training.observe`."""
+
     log_every: int = 20  # steps between metric records (each one syncs with the device)
     progress: str = "auto"  # auto (a bar on a terminal, log lines otherwise) | bar | log | none
     tensorboard: bool = True
-    recon_images: int = 8  # reconstructions drawn into the PNG grid at each evaluation; 0 = none
-    eval_batch_size: int = 512
-    inject_nan_at_step: int = -1  # fault injection for tests: the loss at this step becomes NaN
+
+
+# group name (as `--set GROUP.field=value` writes it) -> its settings class, in the order of the fields
+GROUPS: dict[str, type] = {
+    "run": RunSettings,
+    "model": ModelSettings,
+    "data": DataSettings,
+    "augment": AugmentSettings,
+    "optim": OptimSettings,
+    "eval": EvalSettings,
+    "checkpointing": CheckpointSettings,
+    "logging": LogSettings,
+}
+
+
+@dataclass
+class TrainConfig(
+    # a dataclass lists inherited fields from the last base to the first: reversed, the order of GROUPS
+    LogSettings,
+    CheckpointSettings,
+    EvalSettings,
+    OptimSettings,
+    AugmentSettings,
+    DataSettings,
+    ModelSettings,
+    RunSettings,
+):
+    """Every knob of a run, flat, made of the groups above (each says which component reads it). Field
+    comments give the unit and the allowed values."""
 
     def validate(self) -> TrainConfig:
         if self.stage not in STAGES:
@@ -137,7 +203,36 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict:
+        """Flat `{field: value}`: the format of `config.json`, `last.pt` and the model card."""
         return dataclasses.asdict(self)
+
+    def group(self, name: str):
+        """The settings of one group (e.g. `cfg.group("optim")` -> OptimSettings): what its component reads."""
+        if name not in GROUPS:
+            raise ValueError(f"unknown settings group {name!r}; groups: {', '.join(GROUPS)}")
+        cls = GROUPS[name]
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """A saved config: flat (`{"lr": ...}`, every version so far) or grouped (`{"optim": {"lr": ...}}`).
+        Keys this version does not know (a field since removed) are left out."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        flat = {}
+        for k, v in d.items():
+            if k in GROUPS and isinstance(v, dict):  # a group ("data" is also a field: a str there)
+                flat.update({gk: gv for gk, gv in v.items() if gk in known})
+            elif k in known:
+                flat[k] = v
+        return cls(**flat)
+
+
+def field_group(name: str) -> str:
+    """The group a TrainConfig field belongs to (`lr` -> `optim`)."""
+    for group, cls in GROUPS.items():
+        if name in cls.__dataclass_fields__:
+            return group
+    raise KeyError(name)
 
 
 # ------------------------------------------------------------------------------ --set key=value
@@ -165,19 +260,34 @@ def _coerce(name: str, tp, text: str):
     return text
 
 
+def _resolve_key(key: str, hints: dict) -> str:
+    """A `--set` key -> the TrainConfig field: flat (`lr`) or dotted with its group (`optim.lr`)."""
+    if "." in key:
+        group, _, name = key.partition(".")
+        if group not in GROUPS:
+            raise ValueError(f"unknown settings group {group!r} in {key!r}; groups: {', '.join(GROUPS)}")
+        if name not in GROUPS[group].__dataclass_fields__:
+            where = f"; {name!r} is {field_group(name)}.{name}" if name in hints else ""
+            fields = ", ".join(GROUPS[group].__dataclass_fields__)
+            raise ValueError(f"group {group!r} has no setting {name!r}{where} ({group}: {fields})")
+        return name
+    if key not in hints:
+        close = [k for k in hints if key in k or k in key]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown setting {key!r}{hint}; see training/recipes.py TrainConfig")
+    return key
+
+
 def apply_overrides(cfg: TrainConfig, items: Sequence[str]) -> TrainConfig:
-    """Apply `key=value` strings; unknown keys and badly typed values raise ValueError naming them."""
+    """Apply `key=value` strings, `key` flat (`lr`) or with its group (`optim.lr`); unknown keys and badly
+    typed values raise ValueError naming them."""
     hints = typing.get_type_hints(TrainConfig)
     changes = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
-        key = key.strip().replace("-", "_")
-        if key not in hints:
-            close = [k for k in hints if key in k or k in key]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ValueError(f"unknown setting {key!r}{hint}; see training/recipes.py TrainConfig")
+        key = _resolve_key(key.strip().replace("-", "_"), hints)
         try:
             changes[key] = _coerce(key, hints[key], value)
         except ValueError as e:
