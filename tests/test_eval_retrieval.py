@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from supmae_serve.model import save_checkpoint
 from tests.conftest import TINY, tiny_model
@@ -16,14 +15,7 @@ from training import evaluate as ev
 from training.eval_cli import main
 
 pytest.importorskip("faiss", reason="the retrieval task needs faiss: pip install 'supmae[features]'")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread on a shared CPU
 
 
 @pytest.fixture(scope="module")

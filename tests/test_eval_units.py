@@ -7,7 +7,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from tests.test_eval import write_colour_folder
 from training import evaluate as ev
@@ -15,13 +14,7 @@ from training.engine import FINAL, train
 from training.observe import read_metrics
 from training.recipes import get_recipe
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread on a shared CPU
 
 
 @pytest.mark.parametrize("in_memory", ["true", "false"])  # decoded tensors, and a streamed ImageFolder

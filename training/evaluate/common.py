@@ -225,3 +225,34 @@ def train_test(
         tag = f"{spec.tag()}-from-{train.tag()}"
     cols = map_classes(test.class_names, train_split.class_names, source="test set", target="training set")
     return train_split, test, cols, tag
+
+
+@dataclass
+class FeatureTask:
+    """What a feature task (knn, linprobe, retrieval) works on: the training and test splits, their features,
+    the test labels as training-class indices, the result's tag and its data description."""
+
+    train: Split
+    test: Split
+    tr: Outputs
+    te: Outputs
+    test_y: torch.Tensor  # (N_test,) index into train.class_names
+    tag: str
+    data: dict[str, str]
+
+
+def feature_task(
+    loaded: Loaded,
+    data: DataSpec,
+    train: DataSpec | None,
+    run: RunConfig,
+    task: str,
+    parts: tuple[str, str] = ("train", "test"),
+) -> FeatureTask:
+    """Split (`train_test`), then the features of both parts (`parts` names them in progress bars)."""
+    train_split, test, cols, tag = train_test(loaded, data, train, task)
+    tr = features(loaded, train_split.samples, run, f"{task} {parts[0]}")
+    te = features(loaded, test.samples, run, f"{task} {parts[1]}")
+    test_y = torch.as_tensor(cols)[te.labels]  # test folder -> training class
+    described = {"test": test.spec.describe(), "train": (train or test.spec).describe()}
+    return FeatureTask(train_split, test, tr, te, test_y, tag, described)

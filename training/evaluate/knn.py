@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 import torch
 
-from .common import Loaded, Outputs, RunConfig, features, load, train_test
+from .common import Loaded, Outputs, RunConfig, feature_task, load
 from .datasets import DataSpec
 from .metrics import knn_votes, topk_accuracy
 from .results import EvalResult, make_result
@@ -50,13 +50,15 @@ def evaluate_knn(
     """Weighted k-NN classification of the test split by the training split's embeddings."""
     t0 = time.perf_counter()
     loaded = load(checkpoint, run, name)
-    train_split, test, cols, tag = train_test(loaded, data, train, "knn")
-    tr = features(loaded, train_split.samples, run, "knn train")
-    te = features(loaded, test.samples, run, "knn test")
-    test_y = torch.as_tensor(cols)[te.labels]  # test folder -> training class
-    acc = knn_accuracy(loaded, tr, te, test_y, len(train_split.class_names), k, temperature)
-    summary = {"train": len(tr.labels), "test": len(te.labels), "k": k, "top-1": acc[1], "top-5": acc[5]}
+    ft = feature_task(loaded, data, train, run, "knn")
+    acc = knn_accuracy(loaded, ft.tr, ft.te, ft.test_y, len(ft.train.class_names), k, temperature)
+    summary = {
+        "train": len(ft.tr.labels),
+        "test": len(ft.te.labels),
+        "k": k,
+        "top-1": acc[1],
+        "top-5": acc[5],
+    }
     details = {"top1": acc[1], "top5": acc[5], "seconds": time.perf_counter() - t0}
     config = {"k": k, "temperature": temperature, "run": asdict(run)}
-    data_d = {"test": test.spec.describe(), "train": (train or test.spec).describe()}
-    return make_result("knn", loaded, summary, details, config, data_d, tag)
+    return make_result("knn", loaded, summary, details, config, ft.data, ft.tag)

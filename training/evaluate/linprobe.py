@@ -6,9 +6,7 @@ import os
 import time
 from dataclasses import asdict
 
-import torch
-
-from .common import RunConfig, features, load, train_test
+from .common import RunConfig, feature_task, load
 from .datasets import DataSpec
 from .linear_probe import ProbeConfig, fit_linear_probe
 from .metrics import topk_accuracy
@@ -27,15 +25,13 @@ def evaluate_linprobe(
     """A linear classifier on frozen, standardised features: train and test top-1."""
     t0 = time.perf_counter()
     loaded = load(checkpoint, run, name)
-    train_split, test, cols, tag = train_test(loaded, data, train, "linprobe")
-    tr = features(loaded, train_split.samples, run, "linprobe train")
-    te = features(loaded, test.samples, run, "linprobe test")
+    ft = feature_task(loaded, data, train, run, "linprobe")
+    tr, te = ft.tr, ft.te
     t1 = time.perf_counter()
-    clf = fit_linear_probe(tr.embeddings, tr.labels, len(train_split.class_names), probe, loaded.device)
+    clf = fit_linear_probe(tr.embeddings, tr.labels, len(ft.train.class_names), probe, loaded.device)
     fit_s = time.perf_counter() - t1
-    test_y = torch.as_tensor(cols)[te.labels]
     train_acc = topk_accuracy(clf.logits(tr.embeddings).cpu(), tr.labels, (1,))[1]
-    test_acc = topk_accuracy(clf.logits(te.embeddings).cpu(), test_y, (1, 5))
+    test_acc = topk_accuracy(clf.logits(te.embeddings).cpu(), ft.test_y, (1, 5))
     summary = {
         "train": len(tr.labels),
         "test": len(te.labels),
@@ -53,5 +49,4 @@ def evaluate_linprobe(
         "seconds": time.perf_counter() - t0,
     }
     config = {"probe": asdict(probe), "run": asdict(run)}
-    data_d = {"test": test.spec.describe(), "train": (train or test.spec).describe()}
-    return make_result("linprobe", loaded, summary, details, config, data_d, tag)
+    return make_result("linprobe", loaded, summary, details, config, ft.data, ft.tag)

@@ -18,7 +18,7 @@ from supmae_serve.common.optional import MissingDependency
 from supmae_serve.features.index import KINDS, MAX_TOP_K, FeatureIndex, IndexConfig, index_vectors
 from supmae_serve.features.retrieval import mean_average_precision, precision_at_k
 
-from .common import Outputs, RunConfig, features, load, train_test
+from .common import Outputs, RunConfig, feature_task, load
 from .datasets import DataSpec, Split
 from .errors import EvalError
 from .knn import knn_accuracy
@@ -90,19 +90,15 @@ def evaluate_retrieval(
     t0 = time.perf_counter()
     _check_depths(precision_at, map_at)
     loaded = load(checkpoint, run, name)
-    train_split, test, cols, tag = train_test(loaded, data, train, "retrieval")
-    tr = features(loaded, train_split.samples, run, "retrieval index")
-    te = features(loaded, test.samples, run, "retrieval queries")
-    test_y = torch.as_tensor(cols)[te.labels]  # test folder -> training class
+    ft = feature_task(loaded, data, train, run, "retrieval", parts=("index", "queries"))
     t1 = time.perf_counter()
-    index = build_memory_index(tr, train_split, index_kind)
+    index = build_memory_index(ft.tr, ft.train, index_kind)
     t2 = time.perf_counter()
-    scores = retrieval_scores(
-        index, te.embeddings, [train_split.class_names[y] for y in test_y], precision_at, map_at
-    )
+    query_labels = [ft.train.class_names[y] for y in ft.test_y]
+    scores = retrieval_scores(index, ft.te.embeddings, query_labels, precision_at, map_at)
     search_s = time.perf_counter() - t2
-    knn = knn_accuracy(loaded, tr, te, test_y, len(train_split.class_names), k, temperature)
-    summary = {"index": len(index), "queries": len(te.labels), "search": index.manifest["faiss"], **scores}
+    knn = knn_accuracy(loaded, ft.tr, ft.te, ft.test_y, len(ft.train.class_names), k, temperature)
+    summary = {"index": len(index), "queries": len(ft.te.labels), "search": index.manifest["faiss"], **scores}
     summary[f"{k}-NN top-1"] = knn[1]
     details = {
         **{key.lower().replace("@", "_at_"): v for key, v in scores.items()},
@@ -111,8 +107,8 @@ def evaluate_retrieval(
         "index": {key: index.manifest[key] for key in ("kind", "faiss", "params", "choice", "recall")},
         "index_seconds": t2 - t1,
         "search_seconds": search_s,
-        "queries_per_second": len(te.labels) / search_s if search_s > 0 else None,
-        "class_counts": np.bincount(tr.labels.numpy(), minlength=len(train_split.class_names)).tolist(),
+        "queries_per_second": len(ft.te.labels) / search_s if search_s > 0 else None,
+        "class_counts": np.bincount(ft.tr.labels.numpy(), minlength=len(ft.train.class_names)).tolist(),
         "seconds": time.perf_counter() - t0,
     }
     config = {
@@ -124,5 +120,4 @@ def evaluate_retrieval(
         "relevance": "label agreement (the neighbour's class is the query's)",
         "run": asdict(run),
     }
-    data_d = {"test": test.spec.describe(), "train": (train or test.spec).describe()}
-    return make_result("retrieval", loaded, summary, details, config, data_d, tag)
+    return make_result("retrieval", loaded, summary, details, config, ft.data, ft.tag)
