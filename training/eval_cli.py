@@ -95,7 +95,7 @@ def _train_data(p: argparse.ArgumentParser) -> None:
         "--train-data",
         default=None,
         metavar="PATH",
-        help="ImageFolder to fit on; default: the rest of --data outside --holdout",
+        help="ImageFolder to fit on (retrieval: to index); default: the rest of --data outside --holdout",
     )
 
 
