@@ -97,8 +97,11 @@ def test_bad_requests_say_what_is_allowed(data6, ckpt):
         ev.evaluate_retrieval(ckpt, ev.DataSpec(data6, holdout=12), precision_at=(0,), run=RUN)
     with pytest.raises(ev.EvalError, match="mAP at 5000"):
         ev.evaluate_retrieval(ckpt, ev.DataSpec(data6, holdout=12), map_at=5000, run=RUN)
+    # settings are checked before anything is loaded or encoded
     with pytest.raises(ev.EvalError, match="index kind must be one of auto, flat, hnsw, ivf"):
-        ev.evaluate_retrieval(ckpt, ev.DataSpec(data6, holdout=12), index_kind="pq", run=RUN)
+        ev.evaluate_retrieval("no/such/checkpoint", ev.DataSpec("nowhere"), index_kind="pq", run=RUN)
+    with pytest.raises(ev.EvalError, match="k-NN needs k >= 1"):
+        ev.evaluate_retrieval("no/such/checkpoint", ev.DataSpec("nowhere"), k=0, run=RUN)
 
 
 def test_the_command_line_prints_the_table_and_saves_the_result(data6, ckpt, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from supmae_serve.common.optional import MissingDependency
-from supmae_serve.features.index import KINDS, MAX_TOP_K, FeatureIndex, IndexConfig, index_vectors
+from supmae_serve.features.index import KINDS, MAX_TOP_K, FeatureIndex, IndexConfig, QueryError, index_vectors
 from supmae_serve.features.retrieval import mean_average_precision, precision_at_k
 
 from .common import Outputs, RunConfig, feature_task, load
@@ -35,11 +36,18 @@ def _check_depths(precision_at: Sequence[int], map_at: int) -> int:
     return max(int(d) for d in depths)
 
 
+def _check_settings(precision_at: Sequence[int], map_at: int, k: int, temperature: float, kind: str) -> None:
+    """Refuse a bad setting before any image is encoded."""
+    _check_depths(precision_at, map_at)
+    if kind not in KINDS:
+        raise EvalError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if k < 1 or temperature <= 0:
+        raise EvalError(f"k-NN needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+
+
 def build_memory_index(tr: Outputs, split: Split, kind: str = "auto") -> FeatureIndex:
     """The training features in a FAISS index chosen and built as `supmae-embed index` builds one (exact
     below its size threshold, HNSW or IVF above), kept in memory; labels are class names, ids the paths."""
-    if kind not in KINDS:
-        raise EvalError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
     try:
         index, facts = index_vectors(tr.embeddings.numpy(), IndexConfig(kind=kind))
     except MissingDependency as e:
@@ -59,11 +67,12 @@ def retrieval_scores(
 ) -> dict[str, float]:
     """{"P@k": ..., "mAP@k": ...} in percent: each query searches `index`; relevance is label agreement."""
     depth = _check_depths(precision_at, map_at)
-    _, pos = index.search_arrays(queries.numpy(), depth)
+    try:
+        _, pos = index.search_arrays(queries.numpy(), depth)
+    except QueryError as e:  # e.g. an all-zero embedding
+        raise EvalError(f"cannot search with the test features: {e}") from e
     found = [[index.labels[p] for p in row if p >= 0] for row in pos]  # neighbour class names, best first
-    in_index: dict[str, int] = {}
-    for lab in index.labels:
-        in_index[lab] = in_index.get(lab, 0) + 1
+    in_index = Counter(index.labels)
     out = {f"P@{k}": 100.0 * precision_at_k(query_labels, found, int(k)) for k in precision_at}
     relevant = [in_index.get(q, 0) for q in query_labels]
     out[f"mAP@{map_at}"] = 100.0 * mean_average_precision(
@@ -88,13 +97,13 @@ def evaluate_retrieval(
     """Precision@k and mAP@`map_at` of label agreement for the test split's images searching an index of the
     training split's, and the weighted k-NN top-1 (`k`, `temperature`, as the knn task) on the same features."""
     t0 = time.perf_counter()
-    _check_depths(precision_at, map_at)
+    _check_settings(precision_at, map_at, k, temperature, index_kind)
     loaded = load(checkpoint, run, name)
     ft = feature_task(loaded, data, train, run, "retrieval", parts=("index", "queries"))
     t1 = time.perf_counter()
     index = build_memory_index(ft.tr, ft.train, index_kind)
     t2 = time.perf_counter()
-    query_labels = [ft.train.class_names[y] for y in ft.test_y]
+    query_labels = [ft.train.class_names[y] for y in ft.test_y.tolist()]
     scores = retrieval_scores(index, ft.te.embeddings, query_labels, precision_at, map_at)
     search_s = time.perf_counter() - t2
     knn = knn_accuracy(loaded, ft.tr, ft.te, ft.test_y, len(ft.train.class_names), k, temperature)
