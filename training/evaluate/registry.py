@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from supmae_serve.features.index import KINDS
@@ -17,13 +16,12 @@ from training.corruptions import CORRUPTIONS, TABLE_SIZES
 
 from .accuracy import evaluate_accuracy
 from .datasets import DataSpec
-from .errors import EvalError
 from .fewshot import evaluate_fewshot
 from .knn import evaluate_knn
 from .linprobe import evaluate_linprobe
 from .results import EvalResult
 from .retrieval import evaluate_retrieval
-from .robustness import evaluate_robustness
+from .robustness import evaluate_robustness, parse_variants, shared_baseline
 
 
 @dataclass(frozen=True)
@@ -50,27 +48,6 @@ class Task:
     options: tuple[Option, ...] = ()
     # work shared by every checkpoint of one command, done once: (keywords, data, checkpoints) -> keywords
     prepare: Callable[[dict, DataSpec, Sequence[str]], dict] | None = None
-
-
-# ---------------------------------------------------------------------------- robustness's helpers
-def parse_variants(items: list[str], args: Any) -> dict[str, DataSpec]:
-    """--variant NAME=PATH (repeatable) -> {name: DataSpec}, capped like --data by --max-per-class."""
-    out = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise EvalError(f"--variant expects NAME=PATH, got {item!r}")
-        out[name] = DataSpec(path, max_per_class=getattr(args, "max_per_class", None))
-    return out
-
-
-def shared_baseline(kwargs: dict, data: DataSpec, checkpoints: Sequence[str]) -> dict:
-    """Several models against one baseline checkpoint: evaluate the baseline once, not once per model."""
-    baseline = kwargs.get("baseline")
-    if baseline and len(checkpoints) > 1 and not Path(baseline).suffix == ".json":
-        setting = {k: v for k, v in kwargs.items() if k not in ("baseline", "variants")}
-        kwargs = {**kwargs, "baseline": evaluate_robustness(baseline, data, **setting)}
-    return kwargs
 
 
 # ---------------------------------------------------------------------------- the tasks

@@ -268,6 +268,27 @@ def evaluate_robustness(
     return make_result("robustness", loaded, summary, details, config, data_d, spec.tag())
 
 
+# ---------------------------------------------------------------------------- the command line's helpers
+def parse_variants(items: list[str], args: Any) -> dict[str, DataSpec]:
+    """--variant NAME=PATH (repeatable) -> {name: DataSpec}, capped like --data by --max-per-class."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise EvalError(f"--variant expects NAME=PATH, got {item!r}")
+        out[name] = DataSpec(path, max_per_class=getattr(args, "max_per_class", None))
+    return out
+
+
+def shared_baseline(kwargs: dict, data: DataSpec, checkpoints: Sequence[str]) -> dict:
+    """Several models against one baseline checkpoint: evaluate the baseline once, not once per model."""
+    baseline = kwargs.get("baseline")
+    if baseline and len(checkpoints) > 1 and not Path(baseline).suffix == ".json":
+        setting = {k: v for k, v in kwargs.items() if k not in ("baseline", "variants")}
+        kwargs = {**kwargs, "baseline": evaluate_robustness(baseline, data, **setting)}
+    return kwargs
+
+
 def robustness_table(result: EvalResult) -> str:
     """Per-corruption errors at each severity (and CE against the baseline when there is one)."""
     d = result.details
