@@ -43,8 +43,8 @@ class Run:
     pretrain_s: float
     finetune_s: float
     pretrain_pflop: float  # training-step FLOPs of pretraining, 1e15
-    head_top1: float | None  # classification head of the pretrained model (SupMAE only)
-    top1: float  # after fine-tuning (or the head when finetune_epochs == 0)
+    head_top1: float | None  # classification head of the pretrained model (SupMAE only), percent
+    top1: float  # after fine-tuning (or the head when finetune_epochs == 0), percent
     checkpoint: str
 
     @property
@@ -105,6 +105,7 @@ def finetune_config(args, checkpoint: Path, epochs: int) -> TrainConfig:
 
 
 def _top1(metrics: dict) -> float | None:
+    """The model card's hold-out (or validation) top-1, in percent as the trainer writes it."""
     for k in ("holdout_top1", "val_top1"):
         if k in metrics:
             return float(metrics[k])
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune-epochs", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--budget-minutes", type=float, default=5.0, help="the time-to-accuracy target")
-    ap.add_argument("--target-top1", type=float, default=0.90)
+    ap.add_argument("--target-top1", type=float, default=90.0, help="percent (default 90)")
     ap.add_argument("--toy", action="store_true", help="micro model on synthetic data (CPU smoke run)")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
@@ -197,10 +198,10 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         ok = r.total_s <= args.budget_minutes * 60 and r.top1 >= args.target_top1
-        head = f"{r.head_top1:.4f}" if r.head_top1 is not None else "-"
+        head = f"{r.head_top1:.2f}" if r.head_top1 is not None else "-"
         print(
             f"| {r.framework} | {r.pretrain_epochs} | {r.finetune_epochs} | {r.pretrain_s:.1f} | "
-            f"{r.finetune_s:.1f} | {r.total_s:.1f} | {r.pretrain_pflop:.3g} | {head} | {r.top1:.4f} | "
+            f"{r.finetune_s:.1f} | {r.total_s:.1f} | {r.pretrain_pflop:.3g} | {head} | {r.top1:.2f} | "
             f"{'yes' if ok else 'no'} |"
         )
     eff = efficiency_ratio(runs)
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
             return f"{v:.3g}" if v else "never"
 
         print(
-            f"\ncompute to reach {eff['target_top1']:.4f} top-1: MAE {fmt(eff['mae_pflop'])} PFLOP, "
+            f"\ncompute to reach {eff['target_top1']:.2f}% top-1: MAE {fmt(eff['mae_pflop'])} PFLOP, "
             f"SupMAE {fmt(eff['supmae_pflop'])} PFLOP; MAE / SupMAE = {ratio} (the paper: about 3x)"
         )
     if args.json:

@@ -77,7 +77,9 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, one_process)
     for k, v in m1.state_dict().items():
         if v.is_floating_point():
             assert torch.allclose(v, m2.state_dict()[k], atol=2e-3), k
-    assert abs(c1.metrics["holdout_top1"] - c2.metrics["holdout_top1"]) <= 1 / 30
+    assert (
+        abs(c1.metrics["holdout_top1"] - c2.metrics["holdout_top1"]) <= 100 / 30
+    )  # percent: one image of 30
 
 
 @pytest.mark.slow

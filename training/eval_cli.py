@@ -5,10 +5,12 @@
     supmae-eval linprobe   --checkpoint CKPT --data TEST_FOLDER --train-data TRAIN_FOLDER
     supmae-eval fewshot    --checkpoint CKPT --data cifar10/train --holdout 5000 --shots 5 20 50
     supmae-eval robustness --checkpoint CKPT --data VAL_FOLDER --variant imagenet-r=/data/imagenet-r
+    supmae-eval retrieval  --checkpoint CKPT --data cifar10/train --holdout 5000 --seed 0
 
 Repeat --checkpoint to compare several models side by side. Each result is printed as a table and
 written to <checkpoint>/eval/<task>-<data>.json; --update-card also records it in model.json.
-A thin wrapper over training.evaluate, where each task is a Python function.
+A thin wrapper over training.evaluate: one subcommand per entry of its task registry
+(training/evaluate/registry.py), each a Python function.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import sys
 from pathlib import Path
 
 from training import evaluate as ev
-from training.corruptions import CORRUPTIONS, TABLE_SIZES, CorruptionError
+from training.corruptions import CorruptionError
+from training.evaluate.results import DETAIL_TABLES
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -74,7 +77,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--feature",
         choices=("embedding", "cls"),
         default="embedding",
-        help="knn/linprobe/fewshot features: the card's pooled embedding (default) or the cls token",
+        help="knn/linprobe/fewshot/retrieval features: the card's pooled embedding (default) or the cls token",
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     o = p.add_argument_group("output")
@@ -92,7 +95,7 @@ def _train_data(p: argparse.ArgumentParser) -> None:
         "--train-data",
         default=None,
         metavar="PATH",
-        help="ImageFolder to fit on; default: the rest of --data outside --holdout",
+        help="ImageFolder to fit on (retrieval: to index); default: the rest of --data outside --holdout",
     )
 
 
@@ -121,68 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="supmae-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
-
-    p = sub.add_parser("accuracy", help="top-1/top-5 of the classification head")
-    _common(p)
-
-    p = sub.add_parser("knn", help="weighted k-NN on normalised embeddings")
-    _common(p)
-    _train_data(p)
-    p.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
-    p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T) (default 0.07)")
-
-    p = sub.add_parser("linprobe", help="linear classifier on frozen, standardised features")
-    _common(p)
-    _train_data(p)
-    _probe(p)
-
-    p = sub.add_parser("fewshot", help="k-shot linear probes, mean +- std over seeds")
-    _common(p)
-    _train_data(p)
-    _probe(p)
-    p.add_argument(
-        "--shots", type=int, nargs="+", default=[5, 20, 50], help="images per class (default 5 20 50)"
-    )
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds (default 0 1 2)")
-
-    p = sub.add_parser(
-        "robustness", help="ImageNet-C-style corruptions, variant folders, mCE, combined score"
-    )
-    _common(p)
-    p.add_argument(
-        "--corruptions",
-        nargs="+",
-        default=["all"],
-        metavar="NAME",
-        help=f"'all' (default) or some of: {', '.join(CORRUPTIONS)}",
-    )
-    p.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    p.add_argument("--corruption-seed", type=int, default=0, help="seed of the random corruptions")
-    p.add_argument(
-        "--table",
-        default="auto",
-        choices=("auto", *TABLE_SIZES),
-        help="corruption parameter table (auto: by image size)",
-    )
-    p.add_argument(
-        "--baseline",
-        default=None,
-        metavar="CKPT|JSON",
-        help="report mCE relative to this checkpoint (evaluated the same way) or JSON of its errors",
-    )
-    p.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="an extra eval folder (ImageNet-A/-R/-Sketch style; class subsets allowed); repeatable",
-    )
-    p.add_argument(
-        "--cache-gb",
-        type=float,
-        default=4.0,
-        help="keep decoded images in memory up to this size (default 4)",
-    )
+    for task in ev.REGISTRY.values():
+        p = sub.add_parser(task.name, help=task.help)
+        _common(p)
+        if task.train:
+            _train_data(p)
+        if task.probe:
+            _probe(p)
+        for opt in task.options:
+            p.add_argument(*opt.flags, dest=opt.param, **opt.argparse)
     return parser
 
 
@@ -198,13 +148,13 @@ def _class_map(path: str | None) -> dict[str, str] | None:
     return m
 
 
-def _variants(items: list[str], max_per_class: int | None) -> dict[str, ev.DataSpec]:
+def _task_kwargs(task: ev.Task, args: argparse.Namespace) -> dict:
+    """The task's own keywords from the command line (RunConfig fields excluded)."""
     out = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ev.EvalError(f"--variant expects NAME=PATH, got {item!r}")
-        out[name] = ev.DataSpec(path, max_per_class=max_per_class)
+    for opt in task.options:
+        if not opt.run:
+            value = getattr(args, opt.param)
+            out[opt.param] = opt.convert(value, args) if opt.convert else value
     return out
 
 
@@ -214,65 +164,41 @@ def run(args: argparse.Namespace) -> list[ev.EvalResult]:
         raise ev.EvalError(
             f"got {len(args.name)} --name for {len(args.checkpoint)} --checkpoint; give one each"
         )
+    task = ev.REGISTRY[args.task]
     names = args.name or [None] * len(args.checkpoint)
     data = ev.DataSpec(args.data, ev.parse_holdout(args.holdout), args.seed, args.max_per_class)
-    cfg = ev.RunConfig(
+    run_fields = {opt.param: getattr(args, opt.param) for opt in task.options if opt.run}
+    kwargs = _task_kwargs(task, args)
+    kwargs["run"] = ev.RunConfig(
         device=args.device,
         batch_size=args.batch_size,
         workers=args.workers,
         amp=args.amp,
         feature=args.feature,
         progress=not args.no_progress and sys.stderr.isatty(),
-        cache_gb=getattr(args, "cache_gb", 4.0),
+        **run_fields,
     )
-    train = None
-    if getattr(args, "train_data", None):
-        train = ev.DataSpec(args.train_data, None, args.seed, args.max_per_class)
-    probe = None
-    if args.task in ("linprobe", "fewshot"):
-        probe = ev.ProbeConfig(
+    if task.class_map:
+        kwargs["class_map"] = _class_map(args.class_map)
+    else:
+        _class_map(args.class_map)  # a bad file is an error for every task, as it always was
+    if task.probe:
+        kwargs["probe"] = ev.ProbeConfig(
             optimizer=args.optimizer,
             weight_decay=args.weight_decay,
             max_iter=args.max_iter,
             epochs=args.epochs,
             lr=args.lr,
         )
-    class_map = _class_map(args.class_map)
-    baseline = getattr(args, "baseline", None)
-    if args.task == "robustness":
-        corrupt = dict(
-            corruptions=args.corruptions,
-            severities=args.severities,
-            corruption_seed=args.corruption_seed,
-            table=args.table,
-            class_map=class_map,
-            run=cfg,
-        )
-        if baseline and len(args.checkpoint) > 1 and not Path(baseline).suffix == ".json":
-            # several models against one baseline checkpoint: evaluate it once
-            baseline = ev.evaluate_robustness(baseline, data, **corrupt)
+    train = None
+    if task.train and args.train_data:
+        train = ev.DataSpec(args.train_data, None, args.seed, args.max_per_class)
+    if task.prepare is not None:
+        kwargs = task.prepare(kwargs, data, args.checkpoint)
     results = []
     for ckpt, name in zip(args.checkpoint, names, strict=True):
-        if args.task == "accuracy":
-            r = ev.evaluate_accuracy(ckpt, data, class_map=class_map, run=cfg, name=name)
-        elif args.task == "knn":
-            r = ev.evaluate_knn(ckpt, data, train, k=args.k, temperature=args.temperature, run=cfg, name=name)
-        elif args.task == "linprobe":
-            r = ev.evaluate_linprobe(ckpt, data, train, probe=probe, run=cfg, name=name)
-        elif args.task == "fewshot":
-            r = ev.evaluate_fewshot(
-                ckpt, data, train, shots=args.shots, seeds=args.seeds, probe=probe, run=cfg, name=name
-            )
-        else:
-            r = ev.evaluate_robustness(
-                ckpt,
-                data,
-                baseline=baseline,
-                variants=_variants(args.variant, args.max_per_class),
-                name=name,
-                **corrupt,
-            )
-        results.append(r)
+        positional = (ckpt, data, train) if task.train else (ckpt, data)
+        results.append(task.function(*positional, name=name, **kwargs))
     return results
 
 
@@ -284,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             print(results[0].table())
         else:
             print(ev.compare(results))
-            if args.task == "robustness":
+            detail = DETAIL_TABLES.get(args.task)  # robustness: the per-corruption errors of each model
+            if detail is not None:
                 for r in results:
-                    print(f"\n{r.name}:\n{ev.robustness_table(r)}")
+                    print(f"\n{r.name}:\n{detail(r)}")
         for r in results:
             if not args.no_save:
                 print(f"wrote {ev.save_result(r)}", file=sys.stderr)

@@ -163,7 +163,7 @@ class TrainLog:
         self.tb.scalars(scores, step, "val")
         if is_main and scores:
             self.progress.message(
-                f"epoch {epoch}: holdout top-1 {res['top1']:.4f} top-5 {res['top5']:.4f} ({res['images']} images)"
+                f"epoch {epoch}: holdout top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% ({res['images']} images)"
             )
         return rec
 

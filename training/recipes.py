@@ -317,8 +317,8 @@ def debug() -> TrainConfig:
     Command:  supmae-train --recipe debug --out runs/debug
     Time:     the 24 steps take a few seconds on 2 CPU cores (micro_patch4_32, 256 synthetic 32-px
               images, 4 epochs); 25 s wall on the loaded dev machine, mostly Python start-up.
-    Expected: the loss falls (4.7 -> 3.3 here); hold-out top-1 about 0.3 on the 10 synthetic stripe
-              classes (chance 0.1).
+    Expected: the loss falls (4.7 -> 3.3 here); hold-out top-1 about 30% on the 10 synthetic stripe
+              classes (chance 10%).
     """
     return TrainConfig(
         variant="micro_patch4_32",

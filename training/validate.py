@@ -42,7 +42,9 @@ def evaluate_head(
     model: SupMAE, val, batch_size: int, dist: DistInfo, prep: Preprocessing, amp_dtype
 ) -> dict:
     """Top-1/top-5 of the classification head on whole images (no masking), eval-mode BatchNorm:
-    what a served checkpoint answers."""
+    what a served checkpoint answers. Percentages, from the evaluator's top-k code."""
+    from training.evaluate.metrics import percent, topk_correct  # one top-k code and unit with supmae-eval
+
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=dist.device)  # correct@1, correct@5, n
@@ -51,15 +53,12 @@ def evaluate_head(
             dist.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
         ):
             logits = model.forward_features(x).logits
-        topk = logits.float().topk(min(5, logits.shape[1]), dim=1).indices  # (N, k)
-        hit = topk == y.unsqueeze(1)
-        counts += torch.stack(
-            [hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(y), device=hit.device)]
-        ).double()
+        hits = topk_correct(logits.float(), y, (1, 5))
+        counts += torch.cat([hits, hits.new_tensor([len(y)])]).double()
     counts = all_reduce_sum(counts).tolist()
     model.train(was_training)
     n = max(counts[2], 1)
-    return {"top1": counts[0] / n, "top5": counts[1] / n, "images": int(counts[2])}
+    return {"top1": percent(counts[0], n), "top5": percent(counts[1], n), "images": int(counts[2])}
 
 
 def is_probe(model: nn.Module) -> bool:

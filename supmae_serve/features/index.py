@@ -318,6 +318,42 @@ def _set_threads(cfg: IndexConfig) -> None:
         import_faiss().omp_set_num_threads(cfg.threads)
 
 
+def index_vectors(vectors: np.ndarray, cfg: IndexConfig = IndexConfig()) -> tuple[Any, dict[str, Any]]:
+    """A FAISS index over (N, D) vectors (L2-normalised here), chosen, built and tuned by the rules in this
+    module's docstring: (the index, its facts for a manifest: kind, faiss key, params, choice, build, recall).
+    `build_index` writes it to a folder; an evaluation that searches once can keep it in memory."""
+    n, dim = vectors.shape
+    kind, params, why = choose_index(n, dim, cfg)
+    started, t0 = now_iso(), time.perf_counter()
+    x = np.ascontiguousarray(l2_normalize(vectors))  # (N, D) float32
+    index = _create(kind, params, dim)
+    if kind == "ivf":
+        tune, evaluate = _held_back(n, cfg)
+        rest = np.setdiff1d(np.arange(n), np.concatenate([tune, evaluate]))
+        rng = np.random.default_rng(cfg.seed + 1)
+        train = rng.choice(rest, size=min(len(rest), params["train_size"]), replace=False)
+        index.train(x[np.sort(train)])
+    index.add(x)
+    build_s = time.perf_counter() - t0
+    params, recall = _tune_and_measure(index, kind, params, x, cfg)
+    return index, {
+        "kind": kind,
+        "faiss": _faiss_key(kind, params),
+        "params": params,
+        "choice": {
+            "rule": f"exact while N x D <= {cfg.exact_max_floats:,}, else HNSW, else IVF-Flat",
+            "why": why,
+        },
+        "build": {
+            "seconds": round(build_s, 3),
+            "seconds_with_tuning": round(time.perf_counter() - t0, 3),
+            "threads": _faiss_threads(),
+            "started": started,
+        },
+        "recall": recall,
+    }
+
+
 def build_index(
     feature_sets: Sequence[str | Path], out: str | Path, cfg: IndexConfig = IndexConfig()
 ) -> dict[str, Any]:
@@ -330,43 +366,18 @@ def build_index(
     _set_threads(cfg)
     sets, feats, identity = _read_sets(feature_sets)
     _refuse_duplicates(_duplicates(feats.ids), "within the feature sets given")
-    n, dim = feats.embeddings.shape
+    n = len(feats.embeddings)
     if n == 0:
         raise FeatureIndexError("the feature sets hold no vectors")
-    kind, params, why = choose_index(n, dim, cfg)
-    started, t0, rss0 = now_iso(), time.perf_counter(), _peak_rss_bytes()
-    x = np.ascontiguousarray(l2_normalize(feats.embeddings))  # (N, D) float32
-    index = _create(kind, params, dim)
-    if kind == "ivf":
-        tune, evaluate = _held_back(n, cfg)
-        rest = np.setdiff1d(np.arange(n), np.concatenate([tune, evaluate]))
-        rng = np.random.default_rng(cfg.seed + 1)
-        train = rng.choice(rest, size=min(len(rest), params["train_size"]), replace=False)
-        index.train(x[np.sort(train)])
-    index.add(x)
-    build_s = time.perf_counter() - t0
-    params, recall = _tune_and_measure(index, kind, params, x, cfg)
+    rss0 = _peak_rss_bytes()
+    index, facts = index_vectors(feats.embeddings, cfg)
     return _write_generation(
         out,
         index,
         feats,
         {
-            "kind": kind,
-            "faiss": _faiss_key(kind, params),
-            "params": params,
-            "choice": {
-                "rule": f"exact while N x D <= {cfg.exact_max_floats:,}, else HNSW, else IVF-Flat",
-                "why": why,
-            },
-            "build": {
-                "seconds": round(build_s, 3),
-                "seconds_with_tuning": round(time.perf_counter() - t0, 3),
-                "peak_rss_bytes": _peak_rss_bytes(),
-                "peak_rss_bytes_before": rss0,
-                "threads": _faiss_threads(),
-                "started": started,
-            },
-            "recall": recall,
+            **facts,
+            "build": {**facts["build"], "peak_rss_bytes": _peak_rss_bytes(), "peak_rss_bytes_before": rss0},
             "model": identity.to_dict(),
             "feature_sets": [_describe_set(s) for s in sets],
             "history": [
@@ -507,7 +518,7 @@ class Neighbor:
 class FeatureIndex(ManifestFacts):
     """A loaded index: `search(vectors, top_k)`, its manifest, and the model identity it was built from."""
 
-    path: Path
+    path: Path | None  # None: an index held in memory only (built with `index_vectors`)
     manifest: dict[str, Any]
     index: Any  # the faiss index
     ids: list[str] = field(repr=False)
