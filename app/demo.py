@@ -407,6 +407,7 @@ def mount_demo(
     path: str = "/demo",
     examples_dir: str | os.PathLike | None = None,
     config: DemoConfig | None = None,
+    index=None,
 ):
     """Mount the demo at `path` of a FastAPI app (the REST server calls this) and return the app.
 
@@ -416,7 +417,7 @@ def mount_demo(
     Features the page does not use, some of which reach the network, are off."""
     gr = _gradio()
     config = config or DemoConfig()
-    demo = build_demo(backend, examples_dir=examples_dir, config=config)
+    demo = build_demo(backend, examples_dir=examples_dir, config=config, index=index)
     gr.mount_gradio_app(
         fastapi_app,
         demo,

@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     from supmae_serve.api.app import create_app
+    from supmae_serve.api.search import SearchIndexError
     from supmae_serve.backends.base import BackendError
     from supmae_serve.model import CheckpointError
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(asyncio.run(_check(settings)), indent=2, default=str))
             return 0
         app = create_app(settings)  # fails fast, with the reason, on a missing or unreadable model
-    except (BackendError, CheckpointError, FileNotFoundError) as e:
+    except (BackendError, CheckpointError, FileNotFoundError, SearchIndexError) as e:
         print(f"supmae-serve: error: {e}", file=sys.stderr)
         return 2
 

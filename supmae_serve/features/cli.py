@@ -167,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--nlist", type=int, default=0)
     i.add_argument("--threads", type=int, default=0, help="faiss threads (0: faiss's default)")
     i.add_argument("--seed", type=int, default=0)
+    i.add_argument(
+        "--relative-sources",
+        action="store_true",
+        help="store sources (and the image folders) relative to the index folder, so the images and the index "
+        "move together (the shipped gallery); default: absolute paths",
+    )
 
     s = sub.add_parser(
         "search", help="the nearest indexed images to query images (the model must match the index)"
@@ -222,6 +228,8 @@ def _index(args) -> int:
         nlist=args.nlist,
         seed=args.seed,
         threads=args.threads,
+        relative_sources=args.relative_sources,
+        command=" ".join(shlex.quote(a) for a in ["supmae-embed", *sys.argv[1:]]),
     )
     m = add_to_index(args.out, args.features, cfg) if args.add else build_index(args.features, args.out, cfg)
     keys = ("kind", "faiss", "count", "dim", "params", "choice", "build", "recall", "notes")

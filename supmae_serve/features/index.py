@@ -52,6 +52,7 @@ from .featureset import (
     now_iso,
     read_manifest,
 )
+from .gallery import merge_sources, relative_sources, sources_record
 from .identity import ModelIdentity, check_identity
 
 FORMAT = "supmae-index"
@@ -90,6 +91,8 @@ class IndexConfig:
     nlist: int = 0  # 0: from the size
     seed: int = 0
     threads: int = 0  # faiss OpenMP threads (0: faiss's default)
+    relative_sources: bool = False  # store sources relative to the index folder (features/gallery.py)
+    command: str = ""  # the command line that built the index, recorded in its manifest
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -349,7 +352,7 @@ def build_index(
     return _write_generation(
         out,
         index,
-        feats,
+        relative_sources(feats, out) if cfg.relative_sources else feats,
         {
             "kind": kind,
             "faiss": _faiss_key(kind, params),
@@ -369,6 +372,8 @@ def build_index(
             "recall": recall,
             "model": identity.to_dict(),
             "feature_sets": [_describe_set(s) for s in sets],
+            "sources": sources_record(sets, out, cfg.relative_sources),
+            "command": cfg.command,
             "history": [
                 {"action": "build", "count": n, "at": now_iso(), "feature_sets": [str(s.path) for s in sets]}
             ],
@@ -449,6 +454,8 @@ def add_to_index(
     sets, feats, identity = _read_sets(feature_sets)
     check_identity(idx.identity, identity, what=f"index {path}", other=f"feature set {sets[0].path}")
     _refuse_duplicates(_duplicates(feats.ids, set(idx.ids)), f"between {path} and the sets added")
+    relative = bool((old.get("sources") or {}).get("relative_to_index"))
+    feats = relative_sources(feats, path) if relative else feats
     t0 = time.perf_counter()
     idx.index.add(np.ascontiguousarray(l2_normalize(feats.embeddings)))
     add_s = time.perf_counter() - t0
@@ -473,6 +480,7 @@ def add_to_index(
         params=params,
         recall=recall,
         feature_sets=old.get("feature_sets", []) + [_describe_set(s) for s in sets],
+        sources=merge_sources(old.get("sources"), sources_record(sets, path, relative)),
         history=old.get("history", [])
         + [
             {
