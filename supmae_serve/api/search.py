@@ -49,13 +49,21 @@ from .service import InferenceService
 log = logging.getLogger("supmae.api")
 
 
+DEFAULT_TOP_K = 10
+
+
 class SearchIndexError(RuntimeError):
     """`--index` names an index this server cannot serve (missing, unreadable, another model's, no faiss)."""
 
 
 class SearchOptions(BaseModel):
     model_config = {"extra": "forbid"}
-    top_k: int = Field(10, ge=1, description="neighbours per query, most similar first (at most --max-top-k)")
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        description=f"neighbours per query, most similar first, at most --max-top-k (default: {DEFAULT_TOP_K}, "
+        "or the limit when it is lower)",
+    )
 
 
 def open_index(settings: Settings, card: ModelCard):
@@ -120,6 +128,12 @@ class Search:
         expected = f"a list of vectors, each a list of {dim} finite numbers (this index's dimension)"
         if not isinstance(value, list) or not value:
             raise ApiError(422, "invalid_vector", f"vectors must be {expected}")
+        if all(isinstance(x, int | float) and not isinstance(x, bool) for x in value):
+            raise ApiError(
+                422,
+                "invalid_vector",
+                f"vectors must be {expected}: wrap a single vector in brackets, [[...]]",
+            )
         if len(value) > self.max_queries:
             raise ApiError(
                 413,
@@ -250,17 +264,17 @@ async def search(request: Request) -> Response:
     state: Search = request.app.state.search
     index = state.require_index()
     vectors, items, options = await _parse(request, service)
-    opts = _options(SearchOptions, request, options)
-    if opts.top_k > state.max_top_k:
+    top_k = _options(SearchOptions, request, options).top_k or min(DEFAULT_TOP_K, state.max_top_k)
+    if top_k > state.max_top_k:
         raise ApiError(
             422,
             "invalid_option",
-            f"top_k is {opts.top_k}; the limit on this server is {state.max_top_k} (--max-top-k)",
+            f"top_k is {top_k}; the limit on this server is {state.max_top_k} (--max-top-k)",
         )
     headers: dict[str, str] = {}
     if vectors is not None:
         q = state.vectors(vectors)
-        found, seconds = await state.run(q, opts.top_k, "vector")
+        found, seconds = await state.run(q, top_k, "vector")
         data = [{"index": i, "object": "neighbors", "neighbors": f} for i, f in enumerate(found)]
         query = "vector"
     else:
@@ -268,7 +282,7 @@ async def search(request: Request) -> Response:
         data = [_error_item(i, x) if isinstance(x, ImageError) else None for i, x in enumerate(prepared)]
         seconds = 0.0
         if embedded:
-            found, seconds = await state.run(np.stack([e for _, e in embedded]), opts.top_k, "image")
+            found, seconds = await state.run(np.stack([e for _, e in embedded]), top_k, "image")
             for (i, _), f in zip(embedded, found, strict=True):
                 data[i] = {"index": i, "object": "neighbors", "neighbors": f}
         query = "image"
@@ -278,7 +292,7 @@ async def search(request: Request) -> Response:
         "object": "list",
         "model": service.card.variant or service.card.framework,
         "query": query,
-        "top_k": opts.top_k,
+        "top_k": top_k,
         "index": {"count": len(index), "kind": index.kind, "pooling": index.identity.pooling},
         "data": data,
         "usage": {"queries": len(data), "succeeded": len(data) - failed, "failed": failed},

@@ -143,5 +143,5 @@ def load_served_index(
     index = FeatureIndex.load(path)
     made_by = index.identity
     served = model_identity(card, model, pooling=made_by.pooling, normalized=True, export_dir=export_dir)
-    check_identity(made_by, served, what=f"index {path}", other=f"served model {model}")
+    check_identity(made_by, served, what="index", other="served model")
     return index
