@@ -77,7 +77,8 @@ def mount_demo(app: FastAPI, service: InferenceService, index=None) -> bool:
         # the page enforces the server's image and request limits, not the demo's stand-alone defaults
         s = service.settings
         config = DemoConfig(limits=s.image_limits(), max_request_bytes=s.max_request_bytes)
-        _mount(app, service.facade(), path="/demo", config=config, index=index)
+        with_index = {"index": index} if index is not None else {}  # the Similar images tab
+        _mount(app, service.facade(), path="/demo", config=config, **with_index)
     except ModuleNotFoundError as e:
         log.warning(
             "the demo needs gradio: %s (%s); serving the API without /demo", install_hint("gradio"), e
