@@ -13,8 +13,8 @@ Queries, one result per query, in order:
   a vector of another dimension, a non-finite value or an all-zero vector -> 422 saying what is expected.
 Options (query string, form fields or JSON keys): `top_k`, 1 to `--max-top-k`.
 
-FAISS runs on its own small thread pool (`--search-threads`), never on the event loop; the time of each
-search call is in `/metrics` as `supmae_search_seconds{query="image"|"vector"}`.
+FAISS runs on its own small thread pool (`--search-threads`, one OpenMP thread each), never on the event
+loop; the time of each search call is in `/metrics` as `supmae_search_seconds{query="image"|"vector"}`.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ log = logging.getLogger("supmae.api")
 
 
 DEFAULT_TOP_K = 10
+INLINE_JSON_NEIGHBOURS = 1000  # responses up to this many neighbours (~100 KB) are encoded on the event loop
 
 
 class SearchIndexError(RuntimeError):
@@ -84,6 +85,15 @@ def open_index(settings: Settings, card: ModelCard):
     return index
 
 
+def _one_omp_thread() -> None:
+    """Each search thread runs FAISS on one OpenMP thread (the setting is per calling thread): requests are
+    one or a few queries, which FAISS's OpenMP threads slow down on a busy CPU rather than speed up;
+    concurrent requests run in parallel on the pool's threads instead (--search-threads)."""
+    from supmae_serve.features.index import import_faiss
+
+    import_faiss().omp_set_num_threads(1)
+
+
 class Search:
     """The loaded index (or None), its thread pool, the top_k limit and the search-time histogram."""
 
@@ -92,7 +102,11 @@ class Search:
         self.max_top_k = settings.max_top_k
         self.max_queries = settings.max_images_per_request
         self.pool = (
-            ThreadPoolExecutor(settings.search_threads, thread_name_prefix="supmae-search") if index else None
+            ThreadPoolExecutor(
+                settings.search_threads, thread_name_prefix="supmae-search", initializer=_one_omp_thread
+            )
+            if index
+            else None
         )
         self.seconds = Histogram(
             "supmae_search_seconds",
@@ -297,7 +311,10 @@ async def search(request: Request) -> Response:
         "data": data,
         "usage": {"queries": len(data), "succeeded": len(data) - failed, "failed": failed},
     }
-    content = await service.run_blocking(_json, body)
+    if sum(len(d.get("neighbors", ())) for d in data) <= INLINE_JSON_NEIGHBOURS:
+        content = _json(body)  # a few KB: cheaper here than a hop to a thread
+    else:
+        content = await service.run_blocking(_json, body)
     return Response(content, _status(data), headers=headers, media_type="application/json")
 
 
