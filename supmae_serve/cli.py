@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU build it tries
 
     from supmae_serve.api.app import create_app
     from supmae_serve.api.search import SearchIndexError

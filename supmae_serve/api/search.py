@@ -37,6 +37,7 @@ from supmae_serve.batching import BatcherClosedError, QueueFullError, RequestTim
 from supmae_serve.features.gallery import INDEX_CHOICES, load_served_index, resolve_index_spec
 from supmae_serve.model import ModelCard
 from supmae_serve.preprocess import ImageError
+from supmae_serve.redact import redact_paths
 from supmae_serve.settings import Settings
 
 from .errors import ApiError
@@ -123,7 +124,8 @@ class Search:
     def describe(self) -> dict[str, Any] | None:
         if self.index is None:
             return None
-        return {**self.index.describe(), "max_top_k": self.max_top_k}
+        # the index's folder as the model card's paths are shown: no absolute path of this machine
+        return redact_paths({**self.index.describe(), "max_top_k": self.max_top_k})
 
     def require_index(self):
         if self.index is None:
