@@ -303,3 +303,40 @@ def test_only_files_inside_the_recorded_image_folder_are_shown(world, tmp_path):
     assert not SourceFiles(tmp_path, {"sources": {}}).local_files  # an index that records no folder
     with pytest.raises(SourceRefused, match="records no folder"):
         SourceFiles(tmp_path, {}).path(str(outside))
+
+
+def test_relative_sources_survive_adding_a_feature_set_and_the_cli_records_its_command(world, tmp_path):
+    import shutil
+
+    from supmae_serve.features.cli import main as embed_main
+    from supmae_serve.features.index import add_to_index
+
+    more = tmp_path / "more"
+    (more / "bird").mkdir(parents=True)
+    synthetic_image((40, 40), seed=77).save(more / "bird" / "0.png")
+    feats = embed_folder(more, world["ckpt"], tmp_path / "more-feats")
+    index_dir = tmp_path / "copy" / "index"
+    assert (
+        embed_main(
+            [
+                "index",
+                str(world["root"] / "gallery" / "features"),
+                "--out",
+                str(index_dir),
+                "--relative-sources",
+            ]
+        )
+        == 0
+    )
+    manifest = json.loads((index_dir / "index.json").read_text())
+    assert manifest["command"].endswith(f"--out {index_dir} --relative-sources")
+    add_to_index(index_dir, [feats])
+    index = FeatureIndex.load(index_dir)
+    assert index.sources[-1] == Path(os.path.relpath(more / "bird" / "0.png", index_dir)).as_posix()
+    rec = index.manifest["sources"]
+    assert rec["relative_to_index"] and rec["local_files"] and len(rec["roots"]) == 2
+    files = SourceFiles(index.path, index.manifest)
+    assert files.path(index.sources[-1]) == (more / "bird" / "0.png").resolve()
+    # the index and the images move together: a copy of the whole tree still resolves
+    shutil.copytree(tmp_path / "copy", tmp_path / "moved")
+    assert SourceFiles(tmp_path / "moved" / "index", index.manifest).path(index.sources[0]).is_file()

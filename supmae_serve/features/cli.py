@@ -208,7 +208,7 @@ def _run(args) -> int:
         limits=_limits(args),
         progress=args.progress,
         wait_timeout_s=args.wait_timeout_s,
-        command=" ".join(shlex.quote(a) for a in ["supmae-embed", *sys.argv[1:]]),
+        command=args.command_line,
     )
     print(json.dumps(embed_inputs(cfg), indent=2))
     return 0
@@ -229,7 +229,7 @@ def _index(args) -> int:
         seed=args.seed,
         threads=args.threads,
         relative_sources=args.relative_sources,
-        command=" ".join(shlex.quote(a) for a in ["supmae-embed", *sys.argv[1:]]),
+        command=args.command_line,
     )
     m = add_to_index(args.out, args.features, cfg) if args.add else build_index(args.features, args.out, cfg)
     keys = ("kind", "faiss", "count", "dim", "params", "choice", "build", "recall", "notes")
@@ -309,10 +309,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command_line = " ".join(shlex.quote(a) for a in ["supmae-embed", *argv])  # recorded in the manifests
     if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = command_line
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU build it tries
     try:
