@@ -41,6 +41,7 @@ import numpy as np
 
 from supmae_serve.common.files import atomic_write, atomic_write_text
 from supmae_serve.common.optional import require
+from supmae_serve.common.system import peak_rss_bytes
 from supmae_serve.common.versions import package_versions
 
 from .featureset import (
@@ -257,23 +258,6 @@ def _nprobes(nlist: int) -> list[int]:
     return out + [nlist]
 
 
-# ---------------------------------------------------------------------------- memory
-def _peak_rss_bytes() -> int | None:
-    """This process's peak resident memory. Linux's VmHWM, not ru_maxrss: a process started by fork + exec
-    (a CLI run from a big Python process) inherits its parent's ru_maxrss, but gets a fresh VmHWM."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    try:
-        import resource
-    except ImportError:  # not on Unix
-        return None
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
 # ---------------------------------------------------------------------------- building
 def _read_sets(paths: Sequence[str | Path]) -> tuple[list[FeatureSet], Features, ModelIdentity]:
     if not paths:
@@ -337,7 +321,7 @@ def build_index(
     if n == 0:
         raise FeatureIndexError("the feature sets hold no vectors")
     kind, params, why = choose_index(n, dim, cfg)
-    started, t0, rss0 = now_iso(), time.perf_counter(), _peak_rss_bytes()
+    started, t0, rss0 = now_iso(), time.perf_counter(), peak_rss_bytes()
     x = np.ascontiguousarray(l2_normalize(feats.embeddings))  # (N, D) float32
     index = _create(kind, params, dim)
     if kind == "ivf":
@@ -364,7 +348,7 @@ def build_index(
             "build": {
                 "seconds": round(build_s, 3),
                 "seconds_with_tuning": round(time.perf_counter() - t0, 3),
-                "peak_rss_bytes": _peak_rss_bytes(),
+                "peak_rss_bytes": peak_rss_bytes(),
                 "peak_rss_bytes_before": rss0,
                 "threads": _faiss_threads(),
                 "started": started,
