@@ -106,7 +106,7 @@ class Search:
             ThreadPoolExecutor(
                 settings.search_threads, thread_name_prefix="supmae-search", initializer=_one_omp_thread
             )
-            if index
+            if index is not None
             else None
         )
         self.seconds = Histogram(
