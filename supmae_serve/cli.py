@@ -3,7 +3,7 @@
     supmae-serve                                   # the bundled CIFAR-10 model, http://127.0.0.1:8000
     supmae-serve --model ckpt/ --device cuda --max-batch-size 64 --host 0.0.0.0
     supmae-serve --model export/ --backend onnxruntime --no-demo
-    supmae-serve --check                           # load, warm up, print {ready, backend, model} as JSON, exit
+    supmae-serve --check                           # load, warm up, print {ready, backend, model, index} as JSON, exit
 
 Every flag mirrors a field of `supmae_serve.settings.Settings` (environment `SUPMAE_<NAME>`); flags win over
 the environment. Prefer SUPMAE_API_KEYS to --api-keys: flags are visible in the process list.
@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--check",
         action="store_true",
-        help="load the model, warm it up, print {ready, backend, model} as JSON and exit (0: servable)",
+        help="load the model (and the index), warm it up, print {ready, backend, model, index} as JSON and exit "
+        "(0: servable)",
     )
     return p
 
@@ -94,6 +95,7 @@ async def _check(settings: Settings) -> dict:
             "ready": service.readiness(),
             "backend": asdict(service.backend_info),
             "model": service.card.variant,
+            "index": app.state.search.describe(),
         }
     finally:
         await service.stop()

@@ -231,6 +231,9 @@ def test_another_models_index_stops_the_server_saying_what_differs(world, tmp_pa
     code = main(["--model", str(other), "--index", str(world["index"]), "--no-demo", "--check"])
     err = capsys.readouterr().err
     assert code == 2 and "supmae-serve: error: cannot serve --index" in err and "weights digest" in err
+    code = main(["--model", str(world["ckpt"]), "--index", str(world["index"]), "--no-demo", "--check"])
+    checked = json.loads(capsys.readouterr().out)
+    assert code == 0 and checked["index"]["count"] == 8 and checked["index"]["path"].startswith("[redacted]/")
     with pytest.raises(SearchIndexError, match="not an index"):
         create_app(settings(world["ckpt"], backend="torch", index=str(tmp_path)))
 
