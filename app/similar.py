@@ -5,7 +5,8 @@ the bundled model). `SimilarService` is the Python behind it: the query image is
 `supmae_serve.preprocess` (through `DemoService.load`, the server's limits), embedded by the same backend with
 the index's pooling, and searched; the neighbours' thumbnails are read only through
 `supmae_serve.features.gallery.SourceFiles`, i.e. only files inside the index's recorded image folders
-(resolved, links and '..' followed), decoded with the same limits. An index whose sources are not local image
+(resolved, links and '..' followed), decoded with the same limits and shown as the model sees them (the
+preprocessed input, upscaled nearest): no resizing here, only `supmae_serve.preprocess`. An index whose sources are not local image
 files (tar shards) still answers, as a table without thumbnails.
 """
 
@@ -17,10 +18,10 @@ import numpy as np
 from PIL import Image
 
 from supmae_serve.features.gallery import SourceFiles, SourceRefused
-from supmae_serve.preprocess import ImageError, decode_image
+from supmae_serve.preprocess import ImageError, batch, decode_image, resize_side, to_pil
 
 MAX_NEIGHBOURS = 24  # the slider's end: a gallery of more is hard to take in
-THUMB_SIDE = 96  # thumbnails are upscaled (nearest) to about this many pixels
+THUMB_SIDE = 96  # previews are upscaled (nearest) to about this many pixels
 
 
 class SimilarService:
@@ -48,16 +49,16 @@ class SimilarService:
             f"{self.pooling}-pooled embeddings); {where}."
         )
 
-    def thumbnail(self, source: str) -> Image.Image:
-        """The image behind `source`, upscaled for display; SourceRefused / ImageError when it cannot be shown."""
+    def preview(self, source: str) -> Image.Image:
+        """The image behind `source` as the model sees it (supmae_serve.preprocess: resized and cropped to
+        the model's input), upscaled (nearest) for display; SourceRefused / ImageError when it cannot be shown."""
         path = self.files.path(source)  # only inside the index's recorded image folders
-        limits = self.demo.config.limits
+        limits, prep = self.demo.config.limits, self.demo.prep
         size = path.stat().st_size
         if size > limits.max_bytes:
             raise ImageError(f"{size} bytes, over the limit of {limits.max_bytes}", 413)
-        img = decode_image(path.read_bytes(), limits, THUMB_SIDE)
-        scale = max(1, THUMB_SIDE // max(img.size))
-        return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+        img = decode_image(path.read_bytes(), limits, resize_side(prep))
+        return to_pil(batch([img], prep), prep, upscale=max(1, THUMB_SIDE // prep.image_size))[0]
 
     def _k(self, top_k: Any) -> int:
         try:
@@ -85,7 +86,7 @@ class SimilarService:
             if not self.thumbnails:
                 continue
             try:
-                gallery.append((self.thumbnail(n.source), caption))
+                gallery.append((self.preview(n.source), caption))
             except (SourceRefused, ImageError, OSError):
                 hidden += 1
         table = "| rank | label | cosine | id |\n| --- | --- | --- | --- |\n" + "\n".join(rows)

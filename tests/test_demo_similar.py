@@ -48,7 +48,10 @@ def test_the_tab_appears_with_an_index_and_finds_the_query_itself_first(backend,
     gallery, table = demo.similar.search(str(query), 4)
     assert len(gallery) == 4
     thumb, caption = gallery[0]
-    assert caption.startswith("cat · 1.000") and thumb.size == (80, 80)  # 40 px upscaled x2, nearest
+    assert caption.startswith("cat · 1.000") and thumb.size == (
+        96,
+        96,
+    )  # the model's 32-px input upscaled x3, nearest
     assert "| 1 | cat | 1.0000 | cat/3.png |" in table
     assert demo.similar.search(None, 4) == ([], "")  # the query was cleared
     for bad in (0, 25, 2.5, "x"):
@@ -72,7 +75,7 @@ def test_a_neighbour_outside_the_image_folder_is_never_read(backend, world, tmp_
     idx = FeatureIndex.load(tmp_path / "index")
     demo = build_demo(backend, index=idx)
     with pytest.raises(SourceRefused, match="outside"):
-        demo.similar.thumbnail(str(secret))
+        demo.similar.preview(str(secret))
     opened = []
     real = Path.read_bytes
     monkeypatch.setattr(Path, "read_bytes", lambda self: opened.append(self.resolve()) or real(self))
@@ -133,4 +136,4 @@ def test_thumbnails_are_decoded_within_the_demos_limits(backend, index, world, t
 
     demo = build_demo(backend, index=index, config=DemoConfig(limits=ImageLimits(max_bytes=100)))
     with pytest.raises(ImageError, match="over the limit of 100"):
-        demo.similar.thumbnail("../images/cat/0.png")
+        demo.similar.preview("../images/cat/0.png")
