@@ -31,12 +31,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--path", default="/demo", help="URL path of the demo (default: %(default)s)")
     p.add_argument("--examples", default=None, help="folder of example images (default: the bundled ones)")
+    p.add_argument(
+        "--index",
+        default="auto",
+        help="index for the Similar images tab: a folder built by `supmae-embed index`, auto (the shipped "
+        "gallery for the bundled model) or none (default: %(default)s)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from supmae_serve.backends import BackendConfig, BackendError, create_backend
+    from supmae_serve.features.gallery import load_served_index, resolve_index_spec
     from supmae_serve.model.checkpoint import CheckpointError
 
     try:
@@ -47,8 +54,10 @@ def main(argv=None) -> int:
         )
         backend = create_backend(cfg)
         backend.warmup()
-        app = create_demo_app(backend, path=args.path, examples_dir=args.examples)
-    except (BackendError, CheckpointError, ImportError) as e:
+        index_dir = resolve_index_spec(args.index, args.checkpoint)
+        index = load_served_index(index_dir, backend.card, args.checkpoint) if index_dir else None
+        app = create_demo_app(backend, path=args.path, examples_dir=args.examples, index=index)
+    except (BackendError, CheckpointError, ImportError, ValueError) as e:
         print(f"python -m app: {e}", file=sys.stderr)
         return 2
     import functools

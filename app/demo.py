@@ -4,6 +4,7 @@ Three views of one model:
 - Explore: upload or pick an example; the top-5 classes as bars, and the masked reconstruction
   (original / masked / reconstruction / reconstruction + visible) with a mask-ratio slider and a seed.
 - Compare: the cosine similarity of two images' embeddings.
+- Similar images (with an index, `app/similar.py`): the most similar indexed images, with labels and scores.
 - Model card: what the checkpoint says about itself, and the backend serving it.
 
 `DemoService` is the Python behind the page (plain inputs in, plain outputs out, bad input -> gr.Error),
@@ -40,6 +41,7 @@ from supmae_serve.redact import redact_paths
 from supmae_serve.settings import DEFAULT_MAX_PIXELS, Settings
 
 from .guard import DemoGuard, UploadPolicy
+from .similar import SimilarService, similar_tab
 
 INSTALL_HINT = install_hint("gradio")
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -261,17 +263,27 @@ def _guard_image_input(component) -> None:
     component.preprocess = preprocess
 
 
-def build_demo(
-    backend: Backend, examples_dir: str | os.PathLike | None = None, config: DemoConfig | None = None
-):
-    """The demo page over `backend` -> gradio.Blocks (queued). Views the model cannot serve (no
-    head: no classes; no decoder: no reconstruction) are hidden, with a note saying why."""
-    gr = _gradio()
-    service = DemoService(backend, config)
+def _image_input(label: str, elem_id: str):
+    """An upload slot whose file reaches our callbacks untouched (supmae_serve.preprocess decodes it)."""
+    component = _gradio().Image(
+        type="filepath",
+        image_mode=None,
+        sources=["upload", "clipboard"],
+        label=label,
+        elem_id=elem_id,
+        elem_classes=["pixelated"],
+        height=260,
+    )
+    _guard_image_input(component)
+    return component
+
+
+def _explore_tab(gr, service: DemoService, examples: list[str]) -> None:
+    """Upload or pick an image: its classes and its masked reconstruction, in one event."""
     can_classify = service.capabilities.get("classify", False)
     can_reconstruct = service.capabilities.get("reconstruct", False)
-    examples = example_images(examples_dir)
-    ratio_default = float(getattr(backend.card.config, "mask_ratio", 0.75) or 0.75)
+    ratio_default = float(getattr(service.card.config, "mask_ratio", 0.75) or 0.75)
+    framework = service.card.framework
 
     def explore(image, ratio, seed):
         """A new image: classes and reconstruction in one event (so a bad upload shows one error)."""
@@ -285,18 +297,102 @@ def build_demo(
     def explore_reconstruct(image, ratio, seed):
         return (None,) * 4 if image is None else service.reconstruct(image, ratio, seed)
 
-    def image_input(label: str, elem_id: str):
-        component = gr.Image(
-            type="filepath",
-            image_mode=None,  # hand the file over untouched: supmae_serve.preprocess decodes it
-            sources=["upload", "clipboard"],
-            label=label,
-            elem_id=elem_id,
-            elem_classes=["pixelated"],
-            height=260,
-        )
-        _guard_image_input(component)
-        return component
+    with gr.Tab("Explore", id="explore"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = _image_input("Image", "explore-image")
+                if examples:
+                    gr.Examples(
+                        [[f] for f in examples],
+                        inputs=[image],
+                        label="Examples (CIFAR-10 training images)",
+                        examples_per_page=len(examples),
+                    )
+            with gr.Column(scale=1):
+                classes = gr.Label(
+                    num_top_classes=service.config.top_k,
+                    label=f"Top-{service.config.top_k} classes",
+                    elem_id="top-classes",
+                    visible=can_classify,
+                )
+                if not can_classify:
+                    gr.Markdown(f"This model ({framework}) has no classification head.")
+                ratio = gr.Slider(
+                    0.0,
+                    0.95,
+                    value=ratio_default,
+                    step=0.05,
+                    label="Mask ratio (fraction of patches removed)",
+                    elem_id="mask-ratio",
+                    visible=can_reconstruct,
+                )
+                seed = gr.Number(
+                    value=0,
+                    precision=0,
+                    minimum=0,
+                    maximum=MAX_SEED,
+                    label="Seed (which patches are removed)",
+                    elem_id="mask-seed",
+                    visible=can_reconstruct,
+                )
+                if not can_reconstruct:
+                    gr.Markdown(f"This model ({framework}) has no decoder to reconstruct with.")
+        with gr.Row(visible=can_reconstruct):
+            views = [
+                gr.Image(
+                    label=name,
+                    type="pil",
+                    format="png",
+                    interactive=False,
+                    height=300,
+                    buttons=["download"],
+                    elem_id=f"view-{key}",
+                    elem_classes=["pixelated"],
+                )
+                for key, name in (
+                    ("original", "Original (model input)"),
+                    ("masked", "Masked"),
+                    ("reconstruction", "Reconstruction"),
+                    ("pasted", "Reconstruction + visible"),
+                )
+            ]
+        inputs = [image, ratio, seed]
+        outputs = ([classes] if can_classify else []) + (views if can_reconstruct else [])
+        if outputs:
+            image.change(explore, inputs, outputs, api_name="explore")
+        if can_reconstruct:
+            ratio.release(explore_reconstruct, inputs, views, api_name=False)
+            seed.submit(explore_reconstruct, inputs, views, api_name=False)
+
+
+def _compare_tab(gr, service: DemoService, examples: list[str]) -> None:
+    """The cosine similarity of two images' embeddings."""
+    with gr.Tab("Compare", id="compare"):
+        with gr.Row():
+            image_a = _image_input("Image A", "compare-a")
+            image_b = _image_input("Image B", "compare-b")
+        pairs = example_pairs(examples)
+        if pairs:
+            gr.Examples(pairs, inputs=[image_a, image_b], label="Example pairs")
+        run = gr.Button("Compare", variant="primary", elem_id="compare-run")
+        cosine = gr.Number(label="Cosine similarity", precision=4, elem_id="cosine")
+        note = gr.Markdown()
+        run.click(service.compare, [image_a, image_b], [cosine, note], api_name="compare")
+
+
+def build_demo(
+    backend: Backend,
+    examples_dir: str | os.PathLike | None = None,
+    config: DemoConfig | None = None,
+    index=None,
+):
+    """The demo page over `backend` -> gradio.Blocks (queued). Views the model cannot serve (no
+    head: no classes; no decoder: no reconstruction) are hidden, with a note saying why. With `index`
+    (a `supmae_serve.features.index.FeatureIndex` of this model) a "Similar images" tab searches it."""
+    gr = _gradio()
+    service = DemoService(backend, config)
+    examples = example_images(examples_dir)
+    similar = SimilarService(service, index) if index is not None else None
 
     # delete_cache: Gradio keeps every upload and output image in its cache folder; drop them
     # upload_ttl_s after they were written, checking every minute (the examples are kept)
@@ -306,92 +402,16 @@ def build_demo(
         # has loaded (supmae-serve) still shows the backend that serves it
         gr.Markdown(lambda: "# SupMAE demo\n" + service.summary())
         with gr.Tabs():
-            with gr.Tab("Explore", id="explore"):
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        image = image_input("Image", "explore-image")
-                        if examples:
-                            gr.Examples(
-                                [[f] for f in examples],
-                                inputs=[image],
-                                label="Examples (CIFAR-10 training images)",
-                                examples_per_page=len(examples),
-                            )
-                    with gr.Column(scale=1):
-                        classes = gr.Label(
-                            num_top_classes=service.config.top_k,
-                            label=f"Top-{service.config.top_k} classes",
-                            elem_id="top-classes",
-                            visible=can_classify,
-                        )
-                        if not can_classify:
-                            gr.Markdown(f"This model ({service.card.framework}) has no classification head.")
-                        ratio = gr.Slider(
-                            0.0,
-                            0.95,
-                            value=ratio_default,
-                            step=0.05,
-                            label="Mask ratio (fraction of patches removed)",
-                            elem_id="mask-ratio",
-                            visible=can_reconstruct,
-                        )
-                        seed = gr.Number(
-                            value=0,
-                            precision=0,
-                            minimum=0,
-                            maximum=MAX_SEED,
-                            label="Seed (which patches are removed)",
-                            elem_id="mask-seed",
-                            visible=can_reconstruct,
-                        )
-                        if not can_reconstruct:
-                            gr.Markdown(
-                                f"This model ({service.card.framework}) has no decoder to reconstruct with."
-                            )
-                with gr.Row(visible=can_reconstruct):
-                    views = [
-                        gr.Image(
-                            label=name,
-                            type="pil",
-                            format="png",
-                            interactive=False,
-                            height=300,
-                            buttons=["download"],
-                            elem_id=f"view-{key}",
-                            elem_classes=["pixelated"],
-                        )
-                        for key, name in (
-                            ("original", "Original (model input)"),
-                            ("masked", "Masked"),
-                            ("reconstruction", "Reconstruction"),
-                            ("pasted", "Reconstruction + visible"),
-                        )
-                    ]
-                inputs = [image, ratio, seed]
-                outputs = ([classes] if can_classify else []) + (views if can_reconstruct else [])
-                if outputs:
-                    image.change(explore, inputs, outputs, api_name="explore")
-                if can_reconstruct:
-                    ratio.release(explore_reconstruct, inputs, views, api_name=False)
-                    seed.submit(explore_reconstruct, inputs, views, api_name=False)
-
-            with gr.Tab("Compare", id="compare"):
-                with gr.Row():
-                    image_a = image_input("Image A", "compare-a")
-                    image_b = image_input("Image B", "compare-b")
-                pairs = example_pairs(examples)
-                if pairs:
-                    gr.Examples(pairs, inputs=[image_a, image_b], label="Example pairs")
-                run = gr.Button("Compare", variant="primary", elem_id="compare-run")
-                cosine = gr.Number(label="Cosine similarity", precision=4, elem_id="cosine")
-                note = gr.Markdown()
-                run.click(service.compare, [image_a, image_b], [cosine, note], api_name="compare")
-
+            _explore_tab(gr, service, examples)
+            _compare_tab(gr, service, examples)
+            if similar is not None:
+                similar_tab(gr, similar, examples, _image_input)
             with gr.Tab("Model card", id="card"):
                 gr.JSON(service.card_json, label="Model card and backend", elem_id="model-card")
 
     demo.queue(default_concurrency_limit=service.config.concurrency, max_size=64)
     demo.service = service  # the callbacks, for tests and for callers that want them
+    demo.similar = similar
     return demo
 
 
@@ -407,6 +427,7 @@ def mount_demo(
     path: str = "/demo",
     examples_dir: str | os.PathLike | None = None,
     config: DemoConfig | None = None,
+    index=None,
 ):
     """Mount the demo at `path` of a FastAPI app (the REST server calls this) and return the app.
 
@@ -416,7 +437,7 @@ def mount_demo(
     Features the page does not use, some of which reach the network, are off."""
     gr = _gradio()
     config = config or DemoConfig()
-    demo = build_demo(backend, examples_dir=examples_dir, config=config)
+    demo = build_demo(backend, examples_dir=examples_dir, config=config, index=index)
     gr.mount_gradio_app(
         fastapi_app,
         demo,
@@ -444,6 +465,7 @@ def create_demo_app(
     path: str = "/demo",
     examples_dir: str | os.PathLike | None = None,
     config: DemoConfig | None = None,
+    index=None,
 ):
     """The standalone server's app: the demo at `path`, `/` redirecting to it, `/healthz`; request bodies
     bounded in time and bytes in flight as `supmae-serve` bounds them (its default settings)."""
@@ -463,7 +485,7 @@ def create_demo_app(
     def healthz() -> dict:
         return {"status": "ok"}
 
-    mount_demo(app, backend, path=path, examples_dir=examples_dir, config=config)
+    mount_demo(app, backend, path=path, examples_dir=examples_dir, config=config, index=index)
     defaults = Settings.model_fields
     app.add_middleware(
         ClientLimits,

@@ -3,7 +3,7 @@
     supmae-serve                                   # the bundled CIFAR-10 model, http://127.0.0.1:8000
     supmae-serve --model ckpt/ --device cuda --max-batch-size 64 --host 0.0.0.0
     supmae-serve --model export/ --backend onnxruntime --no-demo
-    supmae-serve --check                           # load, warm up, print {ready, backend, model} as JSON, exit
+    supmae-serve --check                           # load, warm up, print {ready, backend, model, index} as JSON, exit
 
 Every flag mirrors a field of `supmae_serve.settings.Settings` (environment `SUPMAE_<NAME>`); flags win over
 the environment. Prefer SUPMAE_API_KEYS to --api-keys: flags are visible in the process list.
@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--check",
         action="store_true",
-        help="load the model, warm it up, print {ready, backend, model} as JSON and exit (0: servable)",
+        help="load the model (and the index), warm it up, print {ready, backend, model, index} as JSON and exit "
+        "(0: servable)",
     )
     return p
 
@@ -94,6 +95,7 @@ async def _check(settings: Settings) -> dict:
             "ready": service.readiness(),
             "backend": asdict(service.backend_info),
             "model": service.card.variant,
+            "index": app.state.search.describe(),
         }
     finally:
         await service.stop()
@@ -111,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU build it tries
 
     from supmae_serve.api.app import create_app
+    from supmae_serve.api.search import SearchIndexError
     from supmae_serve.backends.base import BackendError
     from supmae_serve.model import CheckpointError
 
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(asyncio.run(_check(settings)), indent=2, default=str))
             return 0
         app = create_app(settings)  # fails fast, with the reason, on a missing or unreadable model
-    except (BackendError, CheckpointError, FileNotFoundError) as e:
+    except (BackendError, CheckpointError, FileNotFoundError, SearchIndexError) as e:
         print(f"supmae-serve: error: {e}", file=sys.stderr)
         return 2
 

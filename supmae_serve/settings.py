@@ -70,6 +70,17 @@ class Settings(BaseSettings):
     decode_threads: int = Field(4, ge=1, le=256, description="threads that decode images off the event loop")
     gpu_decode: bool = Field(True, description="decode JPEGs on the GPU (nvjpeg) when serving on CUDA")
 
+    # --- similarity search (/v1/search; supmae_serve/api/search.py)
+    index: str = Field(
+        "auto",
+        description="FAISS index folder for /v1/search (built by `supmae-embed index`); auto: the shipped "
+        "CIFAR-10 gallery when serving the bundled model, none for any other model; none: no index",
+    )
+    max_top_k: int = Field(100, ge=1, le=1000, description="largest /v1/search top_k -> 422")
+    search_threads: int = Field(
+        2, ge=1, le=64, description="threads that run FAISS searches off the event loop"
+    )
+
     # --- input limits
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="body size limit -> 413")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=64, description="encoded size limit per image -> 413")

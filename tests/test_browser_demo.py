@@ -57,8 +57,6 @@ def _free_port() -> int:
 def demo_url(tmp_path):
     """The standalone demo app (what `python -m app` serves) under a real uvicorn server on 127.0.0.1,
     in a thread of this process (torch and gradio are imported already); yields the demo's URL."""
-    import uvicorn
-
     from app.demo import create_demo_app
     from supmae_serve.backends import BackendConfig, create_backend
 
@@ -66,10 +64,29 @@ def demo_url(tmp_path):
     save_checkpoint(tiny_model(), ckpt, variant=TINY, class_names=CLASSES)
     backend = create_backend(BackendConfig(model=ckpt, backend="torch", device="cpu"))
     backend.warmup()
+    yield from _serve(create_demo_app(backend))
+
+
+@pytest.fixture
+def gallery_demo_url():
+    """The demo of the bundled model with the shipped CIFAR-10 gallery (what `make serve` shows at /demo)."""
+    pytest.importorskip("faiss", reason="the index needs faiss: pip install 'supmae[features]'")
+    from app.demo import create_demo_app
+    from supmae_serve.backends import BackendConfig, create_backend
+    from supmae_serve.features.gallery import GALLERY_INDEX, load_served_index
+    from supmae_serve.settings import DEFAULT_MODEL
+
+    backend = create_backend(BackendConfig(model=DEFAULT_MODEL, backend="torch", device="cpu"))
+    backend.warmup()
+    index = load_served_index(GALLERY_INDEX, backend.card, DEFAULT_MODEL)
+    yield from _serve(create_demo_app(backend, index=index))
+
+
+def _serve(app):
+    import uvicorn
+
     port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_demo_app(backend), host="127.0.0.1", port=port, log_level="warning")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="demo-server", daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -146,3 +163,36 @@ def test_demo_in_chromium_classifies_and_reconstructs_an_upload(demo_url, tmp_pa
         finally:
             browser.close()
     assert (ARTIFACTS / "demo.png").stat().st_size > 10_000
+
+
+@pytest.mark.timeout(120)
+def test_similar_images_tab_shows_the_neighbours_of_an_example(gallery_demo_url):
+    """The Similar images tab over the shipped gallery: pick an example, see its neighbours with labels and
+    cosine scores as thumbnails read from the gallery's image folder."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        try:
+            page.goto(gallery_demo_url, timeout=30_000)
+            page.get_by_role("tab", name="Similar images").click()
+            page.get_by_text("Index of 1,000 images").wait_for(timeout=30_000)
+            upload = page.locator("#similar-image input[type=file]")
+            upload.set_input_files(str(ROOT / "app" / "examples" / "cat.png"))
+            thumbs = page.locator("#similar-gallery img")
+            page.wait_for_function(
+                "() => { const imgs = document.querySelectorAll('#similar-gallery img');"
+                " return imgs.length >= 8 && [...imgs].every(i => i.complete && i.naturalWidth > 0); }",
+                timeout=30_000,
+            )
+            assert thumbs.count() >= 8
+            table = page.locator("#similar-table")
+            text = table.inner_text()
+            assert "rank" in text and "cosine" in text and sum(c in text for c in CLASSES) >= 1, text
+            page.screenshot(path=str(ARTIFACTS / "demo-similar.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "demo-similar-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "demo-similar.png").stat().st_size > 10_000

@@ -27,6 +27,7 @@ from .errors import install_error_handlers
 from .limits import ClientLimits
 from .metrics import MetricsMiddleware
 from .routes import ApiKeys, aliases, health, v1
+from .search import Search, open_index, search_alias, search_v1
 from .service import InferenceService
 
 log = logging.getLogger("supmae.api")
@@ -48,13 +49,14 @@ async def lifespan(app: FastAPI):
         yield
     finally:
         await service.stop()
+        app.state.search.close()
 
 
 def _card_path(model: Path) -> Path:
     return model / "model.json" if model.is_dir() else model
 
 
-def mount_demo(app: FastAPI, service: InferenceService) -> bool:
+def mount_demo(app: FastAPI, service: InferenceService, index=None) -> bool:
     """Mount the Gradio demo at /demo over the batched backend; warn (never fail) when it cannot be."""
     if service.settings.api_keys:
         log.warning(
@@ -75,7 +77,8 @@ def mount_demo(app: FastAPI, service: InferenceService) -> bool:
         # the page enforces the server's image and request limits, not the demo's stand-alone defaults
         s = service.settings
         config = DemoConfig(limits=s.image_limits(), max_request_bytes=s.max_request_bytes)
-        _mount(app, service.facade(), path="/demo", config=config)
+        with_index = {"index": index} if index is not None else {}  # the Similar images tab
+        _mount(app, service.facade(), path="/demo", config=config, **with_index)
     except ModuleNotFoundError as e:
         log.warning(
             "the demo needs gradio: %s (%s); serving the API without /demo", install_hint("gradio"), e
@@ -112,12 +115,15 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         **_telemetry_off_unless_configured(),
     )
     app.state.service = service
+    app.state.search = Search(open_index(settings, card), settings, service.metrics)
     app.state.settings = settings
     app.state.api_keys = ApiKeys(settings.api_keys)
     install_error_handlers(app)
     app.include_router(health)
     app.include_router(v1)
     app.include_router(aliases)
+    app.include_router(search_v1)
+    app.include_router(search_alias)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -136,7 +142,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         log.info(
             "not mounting the demo: --host %s is not a loopback address (--demo mounts it)", settings.host
         )
-    app.state.demo_mounted = mount_demo(app, service) if settings.demo_on() else False
+    app.state.demo_mounted = mount_demo(app, service, app.state.search.index) if settings.demo_on() else False
     # the last added is the outermost: metrics count everything, the client limits act before any body is
     # read, then the demo's guard (added by mount_demo), CORS and the routes
     app.add_middleware(

@@ -180,13 +180,22 @@ async def parse_request(request: Request, limits: RequestLimits) -> ParsedReques
     )
 
 
-def _parse_json(body: bytes, limits: RequestLimits) -> ParsedRequest:
+def load_json(body: bytes) -> Any:
+    """A JSON body -> the document, or ApiError 422 `invalid_json` saying why not."""
     try:
-        doc = json.loads(body)
+        return json.loads(body)
     except RecursionError as e:
         raise ApiError(422, "invalid_json", "request body is not valid JSON (nested too deeply)") from e
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
         raise ApiError(422, "invalid_json", f"request body is not valid JSON ({e})") from e
+
+
+def _parse_json(body: bytes, limits: RequestLimits) -> ParsedRequest:
+    return images_from_json(load_json(body), limits)
+
+
+def images_from_json(doc: Any, limits: RequestLimits) -> ParsedRequest:
+    """A JSON document -> its images (`images`/`image`, or a bare list) and the other keys as options."""
     if isinstance(doc, list):
         doc = {"images": doc}
     if not isinstance(doc, dict):

@@ -370,7 +370,7 @@ for _router in (v1, aliases):
 
 
 @v1.get("/info", summary="Model card, backend, limits and batching")
-async def info(service: Service) -> dict:
+async def info(request: Request, service: Service) -> dict:
     s = service.settings
     backend = asdict(service.backend_info) if service.backend_info else None
     return {
@@ -392,6 +392,7 @@ async def info(service: Service) -> dict:
         "batching": asdict(service.batch_config) | {"enabled": s.batching},
         "url_fetch": s.allow_url_fetch,
         "auth": bool(s.api_keys),
+        "index": request.app.state.search.describe(),  # /v1/search (api/search.py)
     }
 
 

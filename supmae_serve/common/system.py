@@ -1,4 +1,4 @@
-"""What machine this is: the CPU's name and feature flags, and which torch device to use.
+"""What machine this is: the CPU's name and feature flags, which torch device to use, peak memory.
 
 Benchmarks record the CPU with every figure, export manifests record it with the software versions, and the
 server picks its CPU precision from the flags; all of them read it here. torch is imported only inside
@@ -56,3 +56,20 @@ def resolve_device(device: str, error: type[Exception] = ValueError):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise error(f"device {device!r} requested but CUDA is not available here; use --device cpu")
     return dev
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory in bytes (None where it cannot be read). Linux's VmHWM, not
+    ru_maxrss: a process started by fork + exec (a CLI run from a big Python process) inherits its parent's
+    ru_maxrss, but gets a fresh VmHWM."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return None
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB

@@ -167,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--nlist", type=int, default=0)
     i.add_argument("--threads", type=int, default=0, help="faiss threads (0: faiss's default)")
     i.add_argument("--seed", type=int, default=0)
+    i.add_argument(
+        "--relative-sources",
+        action="store_true",
+        help="store sources (and the image folders) relative to the index folder, so the images and the index "
+        "move together (the shipped gallery); default: absolute paths",
+    )
 
     s = sub.add_parser(
         "search", help="the nearest indexed images to query images (the model must match the index)"
@@ -202,7 +208,7 @@ def _run(args) -> int:
         limits=_limits(args),
         progress=args.progress,
         wait_timeout_s=args.wait_timeout_s,
-        command=" ".join(shlex.quote(a) for a in ["supmae-embed", *sys.argv[1:]]),
+        command=args.command_line,
     )
     print(json.dumps(embed_inputs(cfg), indent=2))
     return 0
@@ -222,6 +228,8 @@ def _index(args) -> int:
         nlist=args.nlist,
         seed=args.seed,
         threads=args.threads,
+        relative_sources=args.relative_sources,
+        command=args.command_line,
     )
     m = add_to_index(args.out, args.features, cfg) if args.add else build_index(args.features, args.out, cfg)
     keys = ("kind", "faiss", "count", "dim", "params", "choice", "build", "recall", "notes")
@@ -301,10 +309,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command_line = " ".join(shlex.quote(a) for a in ["supmae-embed", *argv])  # recorded in the manifests
     if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = command_line
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU build it tries
     try:

@@ -41,6 +41,7 @@ import numpy as np
 
 from supmae_serve.common.files import atomic_write, atomic_write_text
 from supmae_serve.common.optional import require
+from supmae_serve.common.system import peak_rss_bytes
 from supmae_serve.common.versions import package_versions
 
 from .featureset import (
@@ -52,6 +53,7 @@ from .featureset import (
     now_iso,
     read_manifest,
 )
+from .gallery import merge_sources, relative_sources, sources_record
 from .identity import ModelIdentity, check_identity
 
 FORMAT = "supmae-index"
@@ -90,6 +92,8 @@ class IndexConfig:
     nlist: int = 0  # 0: from the size
     seed: int = 0
     threads: int = 0  # faiss OpenMP threads (0: faiss's default)
+    relative_sources: bool = False  # store sources relative to the index folder (features/gallery.py)
+    command: str = ""  # the command line that built the index, recorded in its manifest
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -254,23 +258,6 @@ def _nprobes(nlist: int) -> list[int]:
     return out + [nlist]
 
 
-# ---------------------------------------------------------------------------- memory
-def _peak_rss_bytes() -> int | None:
-    """This process's peak resident memory. Linux's VmHWM, not ru_maxrss: a process started by fork + exec
-    (a CLI run from a big Python process) inherits its parent's ru_maxrss, but gets a fresh VmHWM."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    try:
-        import resource
-    except ImportError:  # not on Unix
-        return None
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
 # ---------------------------------------------------------------------------- building
 def _read_sets(paths: Sequence[str | Path]) -> tuple[list[FeatureSet], Features, ModelIdentity]:
     if not paths:
@@ -369,17 +356,19 @@ def build_index(
     n = len(feats.embeddings)
     if n == 0:
         raise FeatureIndexError("the feature sets hold no vectors")
-    rss0 = _peak_rss_bytes()
+    rss0 = peak_rss_bytes()
     index, facts = index_vectors(feats.embeddings, cfg)
     return _write_generation(
         out,
         index,
-        feats,
+        relative_sources(feats, out) if cfg.relative_sources else feats,
         {
             **facts,
-            "build": {**facts["build"], "peak_rss_bytes": _peak_rss_bytes(), "peak_rss_bytes_before": rss0},
+            "build": {**facts["build"], "peak_rss_bytes": peak_rss_bytes(), "peak_rss_bytes_before": rss0},
             "model": identity.to_dict(),
             "feature_sets": [_describe_set(s) for s in sets],
+            "sources": sources_record(sets, out, cfg.relative_sources),
+            "command": cfg.command,
             "history": [
                 {"action": "build", "count": n, "at": now_iso(), "feature_sets": [str(s.path) for s in sets]}
             ],
@@ -460,6 +449,8 @@ def add_to_index(
     sets, feats, identity = _read_sets(feature_sets)
     check_identity(idx.identity, identity, what=f"index {path}", other=f"feature set {sets[0].path}")
     _refuse_duplicates(_duplicates(feats.ids, set(idx.ids)), f"between {path} and the sets added")
+    relative = bool((old.get("sources") or {}).get("relative_to_index"))
+    feats = relative_sources(feats, path) if relative else feats
     t0 = time.perf_counter()
     idx.index.add(np.ascontiguousarray(l2_normalize(feats.embeddings)))
     add_s = time.perf_counter() - t0
@@ -484,6 +475,7 @@ def add_to_index(
         params=params,
         recall=recall,
         feature_sets=old.get("feature_sets", []) + [_describe_set(s) for s in sets],
+        sources=merge_sources(old.get("sources"), sources_record(sets, path, relative)),
         history=old.get("history", [])
         + [
             {
