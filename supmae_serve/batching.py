@@ -3,9 +3,12 @@
 Requests put their images on one bounded queue as items with a key (what to run: `("embed", "avg")`,
 `("classify",)`, `("reconstruct", 0.75)`); one worker task takes the oldest item's key and dispatches up to
 `max_batch_size` items of that key as one model call when the batch is full or the oldest item has waited
-`max_wait_ms` (like Triton's max queue delay: under load batches fill at once, when idle a lone image waits at
-most `max_wait_ms`). The model call runs on one dedicated thread, so the event loop keeps accepting and
-decoding while the model computes, and a backend is never called from two threads at once.
+`max_wait_ms` (like Triton's max queue delay: under load batches fill at once). Given `arriving` (how many
+images the caller has accepted and is still decoding), the worker also stops waiting as soon as nothing more
+is on its way: a lone client's image runs at once instead of sitting out `max_wait_ms` for company that
+cannot come (the caller calls `poke()` when its count drops). The model call runs on one dedicated thread,
+so the event loop keeps accepting and decoding while the model computes, and a backend is never called from
+two threads at once.
 
 - bounded: a request whose images do not fit in `max_queue` is refused at once (`QueueFullError` -> 429
   with a Retry-After estimated from the recent throughput); nothing of it is queued;
@@ -108,8 +111,10 @@ class MicroBatcher:
         config: BatchConfig = BatchConfig(),
         observer: BatchObserver | None = None,
         executor: Executor | None = None,
+        arriving: Callable[[], int] | None = None,
     ):
         self.config = config
+        self._arriving = arriving
         self._run_batch = run_batch
         self._observer = observer or _NullObserver()
         self._own_executor = executor is None
@@ -180,6 +185,11 @@ class MicroBatcher:
         self._pending.clear()
         self._depth = 0
         self._observer.on_depth(0)
+
+    def poke(self) -> None:
+        """Make the worker look at the queue again (the `arriving` count has dropped)."""
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     # ------------------------------------------------------------------ submitting
     def retry_after_s(self) -> int:
@@ -276,12 +286,15 @@ class MicroBatcher:
                 continue
             key = self._oldest_key()
             deadline = self._pending[key][0].enqueued + max_wait
-            # wait for the batch to fill, at most until the oldest item's deadline (not while draining)
+            # wait for the batch to fill, at most until the oldest item's deadline and only while more images
+            # are on their way (not while draining)
             while (
                 not self._closing
                 and key in self._pending
                 and len(self._pending[key]) < self.config.max_batch_size
             ):
+                if self._arriving is not None and self._arriving() <= 0:
+                    break
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break

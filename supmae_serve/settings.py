@@ -61,7 +61,11 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(32, ge=1, le=4096, description="images per model call")
     max_wait_ms: float = Field(
-        5.0, ge=0, le=10_000, description="how long the oldest queued image waits for a batch to fill"
+        5.0,
+        ge=0,
+        le=10_000,
+        description="how long the oldest queued image waits at most for a batch to fill "
+        "(only while more images are being decoded)",
     )
     max_queue: int = Field(256, ge=1, description="images waiting at most; beyond it requests get 429")
     request_timeout_s: float = Field(

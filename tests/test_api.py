@@ -575,6 +575,19 @@ def test_concurrent_requests_are_batched_together():
         assert max(int(r.headers["x-batch-size"]) for r in results) > 1
 
 
+def test_a_lone_request_does_not_sit_out_max_wait():
+    """Nothing else is being decoded, so the batch runs at once rather than after the 3 s max wait; a request
+    whose images all fail to decode leaves nothing announced behind it."""
+    fake = FakeBackend(fake_card(class_names=CLASSES))
+    with fake_client(fake, max_wait_ms=3000, max_batch_size=8) as c:
+        r = good_request(c)
+        assert float(r.headers["x-queue-time-ms"]) < 1000, r.headers
+        bad = c.post("/v1/classify", content=b"not an image", headers={"content-type": "image/png"})
+        assert bad.status_code == 415
+        assert c.app.state.service.arriving == 0
+        assert float(good_request(c).headers["x-queue-time-ms"]) < 1000
+
+
 def test_queue_full_is_429_with_retry_after():
     fake = GatedBackend()
     with fake_client(fake, max_queue=2, max_images_per_request=2, max_batch_size=1, max_wait_ms=0) as c:

@@ -98,6 +98,50 @@ def test_a_lone_request_waits_at_most_max_wait():
     assert 0.025 <= r[0].queue_s < 2.0 and elapsed < 2.0  # it waited for company, then went alone
 
 
+def test_with_nothing_arriving_a_lone_request_runs_at_once():
+    rec = Recorder()
+
+    async def main():
+        b = MicroBatcher(rec, BatchConfig(max_batch_size=64, max_wait_ms=5000), arriving=lambda: 0)
+        b.start()
+        r = await b.submit("k", [1])
+        await b.close()
+        return r
+
+    r = run(main())
+    assert r[0].value == 2 and r[0].batch_size == 1
+    assert r[0].queue_s < 1.0  # not the 5 s max wait: no other image was on its way
+
+
+def test_the_batch_waits_for_images_on_their_way_then_runs_when_none_are_left():
+    rec = Recorder()
+    on_the_way = {"n": 2}
+
+    async def main():
+        b = MicroBatcher(
+            rec, BatchConfig(max_batch_size=64, max_wait_ms=5000), arriving=lambda: on_the_way["n"]
+        )
+        b.start()
+        first = asyncio.ensure_future(b.submit("k", [1]))
+        await asyncio.sleep(0.1)
+        assert not rec.batches and not first.done()  # two more announced: it waits for them
+        on_the_way["n"] = 1
+        second = asyncio.ensure_future(b.submit("k", [2]))  # one arrives
+        await asyncio.sleep(0.1)
+        assert not rec.batches  # still one on its way
+        on_the_way["n"] = 0  # the last one failed to decode: nothing is coming any more
+        b.poke()
+        t0 = time.perf_counter()
+        results = await asyncio.gather(first, second)
+        waited = time.perf_counter() - t0
+        await b.close()
+        return results, waited
+
+    (r1, r2), waited = run(main())
+    assert [r1[0].value, r2[0].value] == [2, 4] and r1[0].batch_size == 2
+    assert rec.batches == [("k", [1, 2])] and waited < 1.0
+
+
 def test_queue_full_refuses_the_whole_request_and_queues_nothing():
     rec = Recorder()
     rec.gate.clear()

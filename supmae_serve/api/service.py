@@ -65,6 +65,24 @@ def run_batch(backend: Backend, key: tuple, payloads: list[tuple[torch.Tensor, i
     raise ValueError(f"unknown task {task!r}")
 
 
+class Arrival:
+    """Images of one request between being accepted and being queued (fetching, decoding): the batcher waits
+    for a batch to fill only while some are on their way. `done()` (idempotent) when they are queued or
+    have failed."""
+
+    def __init__(self, service: InferenceService, n: int):
+        self._service, self.n = service, n
+        service.arriving += n
+
+    def done(self) -> None:
+        if self.n:
+            s = self._service
+            s.arriving -= self.n
+            self.n = 0
+            if s.arriving <= 0 and s.batcher is not None:
+                s.batcher.poke()
+
+
 class InferenceService:
     def __init__(self, settings: Settings, card: ModelCard, backend: Backend | None = None):
         self.settings = settings
@@ -89,6 +107,7 @@ class InferenceService:
         # URL fetches wait on the network: their own bounded pool, so slow URLs never hold the decode threads
         self.fetch_pool = ThreadPoolExecutor(settings.url_fetch_threads, thread_name_prefix="supmae-fetch")
         self.batcher: MicroBatcher | None = None
+        self.arriving = 0  # images accepted and being fetched/decoded, not yet queued (event loop only)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.loaded = backend is not None
         self.warmed = False
@@ -134,7 +153,10 @@ class InferenceService:
             raise
         backend = self.backend
         self.batcher = MicroBatcher(
-            lambda key, items: run_batch(backend, key, items), self.batch_config, self.metrics
+            lambda key, items: run_batch(backend, key, items),
+            self.batch_config,
+            self.metrics,
+            arriving=lambda: self.arriving,
         )
         self.batcher.start()
         self.metrics.ready.set(1)
@@ -243,6 +265,11 @@ class InferenceService:
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
 
     # ------------------------------------------------------------------ inference
+    def arrival(self, n: int) -> Arrival:
+        """Announce `n` images that will be queued once decoded (call `done()` on the result right before
+        `infer`, with no await in between, or when the request fails)."""
+        return Arrival(self, n)
+
     def check_capacity(self, n: int) -> None:
         """Shed load before decoding anything: raise what `submit` would (BatcherClosedError, QueueFullError)
         if `n` images could not be queued now. `submit` checks again when they are."""
