@@ -72,6 +72,13 @@ class Settings(BaseSettings):
         30.0, gt=0, description="per-request deadline (URL fetching, decoding, queue, inference) -> 504"
     )
     decode_threads: int = Field(4, ge=1, le=256, description="threads that decode images off the event loop")
+    inference_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="batches run at once, each on its own thread (torch and onnxruntime backends; others run "
+        "one); pair with --threads so workers x threads = cores, e.g. 2 workers x 1 thread on 2 cores",
+    )
     gpu_decode: bool = Field(True, description="decode JPEGs on the GPU (nvjpeg) when serving on CUDA")
 
     # --- input limits
@@ -215,13 +222,18 @@ class Settings(BaseSettings):
 
         if not self.batching:
             return BatchConfig(
-                max_batch_size=1, max_wait_ms=0.0, max_queue=self.max_queue, timeout_s=self.request_timeout_s
+                max_batch_size=1,
+                max_wait_ms=0.0,
+                max_queue=self.max_queue,
+                timeout_s=self.request_timeout_s,
+                workers=self.inference_workers,
             )
         return BatchConfig(
             max_batch_size=self.max_batch_size,
             max_wait_ms=self.max_wait_ms,
             max_queue=self.max_queue,
             timeout_s=self.request_timeout_s,
+            workers=self.inference_workers,
         )
 
     def backend_config(self):

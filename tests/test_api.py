@@ -588,6 +588,24 @@ def test_a_lone_request_does_not_sit_out_max_wait():
         assert float(good_request(c).headers["x-queue-time-ms"]) < 1000
 
 
+def test_inference_workers_reach_the_batcher_and_fall_back_to_one_where_unsafe(caplog):
+    fake = FakeBackend(fake_card(class_names=CLASSES), delay_s=0.01)
+    with fake_client(fake, inference_workers=2) as c:
+        assert c.get("/v1/info").json()["batching"]["workers"] == 2
+        assert c.app.state.service.batcher.config.workers == 2
+        good_request(c)
+
+    class OneAtATime(FakeBackend):
+        name = "tensorrt"  # an execution context must not be entered from two threads
+
+    with caplog.at_level(logging.WARNING, "supmae.service"):
+        with fake_client(OneAtATime(fake_card(class_names=CLASSES)), inference_workers=2) as c:
+            assert c.get("/v1/info").json()["batching"]["workers"] == 1
+            assert c.app.state.service.batcher.config.workers == 1
+            good_request(c)
+    assert "runs one batch at a time; using 1 worker" in caplog.text
+
+
 def test_queue_full_is_429_with_retry_after():
     fake = GatedBackend()
     with fake_client(fake, max_queue=2, max_images_per_request=2, max_batch_size=1, max_wait_ms=0) as c:

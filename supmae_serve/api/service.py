@@ -9,6 +9,7 @@ batcher for the Gradio demo, so demo clicks and API calls share batches, limits 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,11 @@ from .inputs import RawImage, RequestLimits
 from .metrics import ServiceMetrics
 
 log = logging.getLogger("supmae.service")
+
+# backends that may be called from several threads at once (--inference-workers > 1): an onnxruntime session
+# and an eager torch module are; a TensorRT execution context is not, nor is a torch.compile'd function
+# (guards and recompilation), so those run one batch at a time
+CONCURRENT_BACKENDS = ("torch", "onnxruntime", "fake")
 
 
 @dataclass
@@ -140,8 +146,20 @@ class InferenceService:
             self.backend.warmup(tuple(sizes))
             log.info("warmed up (batch sizes %s) in %.2f s", sizes, time.perf_counter() - t0)
         self.warmed = True
+        self._check_workers(self.backend_info)
         if self.settings.gpu_decode and self.backend_info.device.startswith("cuda"):
             self.gpu_decode_device = torch.device(self.backend_info.device)
+
+    def _check_workers(self, info: BackendInfo) -> None:
+        workers = self.batch_config.workers
+        if workers > 1 and (info.name not in CONCURRENT_BACKENDS or info.extra.get("compiled")):
+            log.warning(
+                "--inference-workers %d: the %s backend%s runs one batch at a time; using 1 worker",
+                workers,
+                info.name,
+                " (compiled)" if info.extra.get("compiled") else "",
+            )
+            self.batch_config = dataclasses.replace(self.batch_config, workers=1)
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
