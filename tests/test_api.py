@@ -661,6 +661,17 @@ def test_readiness_turns_false_when_the_batching_worker_dies(ckpt):
         assert c.get("/healthz").status_code == 200  # alive, not ready: the orchestrator restarts it
 
 
+def test_the_start_up_heap_is_frozen_before_ready(ckpt):
+    import gc
+
+    gc.unfreeze()  # (an earlier test's server may have frozen it already)
+    app = create_app(settings(ckpt))
+    assert gc.get_freeze_count() == 0
+    with TestClient(app) as c:
+        assert c.get("/readyz").status_code == 200
+        assert gc.get_freeze_count() > 10_000  # torch, the app and the model: out of the collector's sight
+
+
 def test_warmup_runs_before_ready(ckpt):
     with TestClient(create_app(settings(ckpt, warmup=True, max_batch_size=4))) as c:
         assert c.get("/readyz").json()["checks"]["warmed_up"] is True
