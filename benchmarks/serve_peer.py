@@ -3,11 +3,13 @@
     nice -n 10 python benchmarks/serve_peer.py --out serve_peer.json              # the measurement (~12 min)
     python benchmarks/serve_peer.py --duration 3 --warmup 1 --repeats 1 --models vit_t4     # a smoke run
     python benchmarks/serve_peer.py --supmae-args="--backend onnxruntime --export-dir {export}"
+    python benchmarks/serve_peer.py --supmae-args= --supmae-args="--threads 1 --inference-workers 2"  # 3 servers
 
 The peer (benchmarks/litserve_peer.py, `pip install 'supmae[bench]'`) is LitServe with its own batching
 (max batch 16, 10 ms), torch eager fp32, --peer-threads threads, the project's model and preprocessing.
 supmae-serve runs with its defaults plus --supmae-args; `{export}` in them stands for a `supmae-export` of
-the model (fp32 ONNX) that this script makes first. Both servers take the same request: POST /v1/classify
+the model (fp32 ONNX) that this script makes first. --supmae-args given several times compares several
+supmae-serve configurations with the peer in one run (one server each, all alternated). Both servers take the same request: POST /v1/classify
 with JSON `{"image": "<base64 JPEG>"}`, answered with the top-5 classes.
 
 Per model: both servers start once; a correctness pass posts --check images to each and aborts unless every
@@ -63,6 +65,7 @@ from supmae_serve.common.versions import software_versions  # noqa: E402
 from supmae_serve.settings import DEFAULT_MODEL  # noqa: E402
 
 ROUTE = "/v1/classify"
+PEER_LABEL = "LitServe peer"
 FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
 MODELS = {
     "vit_t4": "the bundled ViT-T/4 (CIFAR-10), 32-px JPEGs as stored",
@@ -165,17 +168,24 @@ def start_peer(model: Path, args: argparse.Namespace, work: Path) -> Server:
     cmd += ["--threads", str(args.peer_threads), "--stats", str(stats)]
     log_file = (work / f"peer_{model.name}.log").open("w")
     proc = subprocess.Popen(cmd, cwd=work, stdout=log_file, stderr=subprocess.STDOUT)
-    return Server("LitServe peer", proc, f"http://127.0.0.1:{port}", stats)
+    return Server(PEER_LABEL, proc, f"http://127.0.0.1:{port}", stats)
+
+
+def supmae_label(extra: str, args: argparse.Namespace) -> str:
+    return "supmae-serve" if len(args.supmae_args) == 1 else f"supmae-serve {extra or '(defaults)'}"
 
 
 def start_servers(name: str, model: Path, args: argparse.Namespace, work: Path) -> list[Server]:
-    flags = shlex.split(args.supmae_args)
-    if any("{export}" in f for f in flags):
-        log(f"{name}: exporting {model} to ONNX for --supmae-args")
-        export = export_model(model, work / f"export_{name}", work / f"export_{name}.log")
-        flags = [f.replace("{export}", str(export)) for f in flags]
-    proc, base = start_supmae(model, flags, work / f"supmae_{name}.log")
-    servers = [Server("supmae-serve", proc, base), start_peer(model, args, work)]
+    servers = []
+    for i, extra in enumerate(args.supmae_args):
+        flags = shlex.split(extra)
+        if any("{export}" in f for f in flags):
+            log(f"{name}: exporting {model} to ONNX for --supmae-args")
+            export = export_model(model, work / f"export_{name}", work / f"export_{name}.log")
+            flags = [f.replace("{export}", str(export)) for f in flags]
+        proc, base = start_supmae(model, flags, work / f"supmae_{name}_{i}.log")
+        servers.append(Server(supmae_label(extra, args), proc, base))
+    servers.append(start_peer(model, args, work))
     for s in servers:
         wait_ready(s.proc, s.base, path="/readyz" if s.stats_file is None else "/health")
     log(f"{name}: both servers ready (logs in {work})")
@@ -196,6 +206,19 @@ def top1(answers: list[tuple[int, bytes]], server: str) -> list[int]:
     return out
 
 
+def check_agreement(answers: dict[str, list[int]]) -> None:
+    """Abort (SystemExit) unless every server gave the same top-1 class for every image."""
+    first, *others = answers.values()
+    disagree = [i for i in range(len(first)) if any(o[i] != first[i] for o in others)]
+    if disagree:
+        detail = "; ".join(
+            f"image {i}: " + ", ".join(f"{k} {v[i]}" for k, v in answers.items()) for i in disagree[:5]
+        )
+        raise SystemExit(
+            f"correctness pass FAILED: top-1 differs on {len(disagree)} of {len(first)} images ({detail})"
+        )
+
+
 def correctness(servers: list[Server], bodies: list[bytes], n: int) -> dict:
     """Post the first `n` images to every server; abort unless all top-1 classes agree."""
     answers = {}
@@ -203,16 +226,8 @@ def correctness(servers: list[Server], bodies: list[bytes], n: int) -> dict:
         pause_tree(s.proc.pid, False)
         answers[s.name] = top1(post_each(s.base, ROUTE, bodies[:n], "application/json"), s.name)
         pause_tree(s.proc.pid, True)
-    first, *others = answers.values()
-    disagree = [i for i in range(n) if any(o[i] != first[i] for o in others)]
-    if disagree:
-        detail = "; ".join(
-            f"image {i}: " + ", ".join(f"{k} {v[i]}" for k, v in answers.items()) for i in disagree[:5]
-        )
-        raise SystemExit(
-            f"correctness pass FAILED: top-1 differs on {len(disagree)} of {n} images ({detail})"
-        )
-    return {"images": n, "top1_agree": 1.0}
+    check_agreement(answers)
+    return {"images": n, "top1_agree": 1.0, "servers": list(answers)}
 
 
 def measure(server: Server, model: str, bodies: list[bytes], clients: int, repeat: int, args) -> Phase:
@@ -257,8 +272,8 @@ def run_model(name: str, args: argparse.Namespace, work: Path, paths: list[Path]
         log(f"{name}: correctness pass: same top-1 on {args.check} images")
         for rep in range(args.repeats):
             for ci, clients in enumerate(args.clients):
-                order = servers if (rep + ci) % 2 == 0 else servers[::-1]  # alternate who goes first
-                for s in order:
+                turn = (rep * len(args.clients) + ci) % len(servers)  # who goes first rotates
+                for s in servers[turn:] + servers[:turn]:
                     p = measure(s, name, bodies, clients, rep, args)
                     phases.append(p)
                     log(
@@ -278,16 +293,52 @@ def med(values) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def div(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
 def spread(values) -> str:
     return f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else "-"
 
 
+def table_row(model: str, clients: int, server: str, ps: list[Phase], peer: list[Phase] | None) -> str:
+    ips = [p.images_per_s for p in ps]
+    vs = "1.00x"
+    if peer is not None:
+        ratios = [div(a.images_per_s, b.images_per_s) for a, b in zip(ps, peer, strict=True)]
+        vs = f"{div(med(ips), med(p.images_per_s for p in peer)):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+    return (
+        f"| {model} | {clients} | {server} | {med(ips):.1f} ({spread(ips)}) | {vs} | "
+        f"{med(p.p50_ms for p in ps):.1f} | {med(p.p99_ms for p in ps):.1f} | "
+        f"{med(p.cores_busy for p in ps):.2f} | {med(p.mean_batch for p in ps):.1f} | "
+        f"{sum(p.errors for p in ps)} / {sum(p.requests for p in ps)} |"
+    )
+
+
+TARGETS = {("vit_t4", 16): 1.3, ("vit_t4", 1): 1.5, ("vit_s16", 16): 1.2}  # x the peer's images/s (issue 13)
+
+
+def target_line(
+    model: str, clients: int, server: str, ps: list[Phase], peer: list[Phase], named: bool
+) -> list[str]:
+    goal = TARGETS.get((model, clients))
+    if goal is None:
+        return []
+    ratio = div(med(p.images_per_s for p in ps), med(p.images_per_s for p in peer))
+    p99_ok = med(p.p99_ms for p in ps) <= med(p.p99_ms for p in peer)
+    p99 = f", p99 {'no worse' if p99_ok else 'WORSE'} than the peer's" if model == "vit_t4" else ""
+    met = ratio >= goal and (p99_ok or model != "vit_t4")
+    who = f" [{server}]" if named else ""
+    return [f"{model}, {clients} clients{who}: {ratio:.2f}x (>= {goal}x){p99}: {'met' if met else 'MISSED'}"]
+
+
 def report(phases: list[Phase], meta: dict, args: argparse.Namespace) -> str:
-    peer, ours = "LitServe peer", "supmae-serve"
+    peer = PEER_LABEL
+    ours = [supmae_label(extra, args) for extra in args.supmae_args]
     lines = [
         f"serve_peer {meta['date']}: {meta['cpu']} ({meta['cores']} cores; {' '.join(meta['cpu_flags']) or 'no AVX2'}), "
         f"{args.duration:g} s per phase after {args.warmup:g} s warm-up, median of {args.repeats} (range); "
-        f"supmae-serve args: {args.supmae_args or '(defaults)'}; load average before/after: "
+        f"supmae-serve args: {' | '.join(a or '(defaults)' for a in args.supmae_args)}; load average before/after: "
         f"{meta['load_before']} / {meta['load_after']}",
         "",
         "| model | clients | server | images/s (range) | vs peer | p50 ms | p99 ms | cores busy | mean batch | errors / requests |",
@@ -298,30 +349,15 @@ def report(phases: list[Phase], meta: dict, args: argparse.Namespace) -> str:
         for clients in args.clients:
             rows = {
                 s: [p for p in phases if (p.model, p.clients, p.server) == (model, clients, s)]
-                for s in (ours, peer)
+                for s in (*ours, peer)
             }
-            base = med(p.images_per_s for p in rows[peer])
+            base = rows[peer]
+            if not base:  # (a run cut short)
+                continue
             for s, ps in rows.items():
-                ips = [p.images_per_s for p in ps]
-                ratios = [a.images_per_s / b.images_per_s for a, b in zip(ps, rows[peer], strict=True)]
-                vs = f"{med(ips) / base:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if s == ours else "1.00x"
-                lines.append(
-                    f"| {model} | {clients} | {s} | {med(ips):.1f} ({spread(ips)}) | {vs} | "
-                    f"{med(p.p50_ms for p in ps):.1f} | {med(p.p99_ms for p in ps):.1f} | "
-                    f"{med(p.cores_busy for p in ps):.2f} | {med(p.mean_batch for p in ps):.1f} | "
-                    f"{sum(p.errors for p in ps)} / {sum(p.requests for p in ps)} |"
-                )
-            ratio = med(p.images_per_s for p in rows[ours]) / base
-            p99_ok = med(p.p99_ms for p in rows[ours]) <= med(p.p99_ms for p in rows[peer])
-            goal = {("vit_t4", 16): 1.3, ("vit_t4", 1): 1.5, ("vit_s16", 16): 1.2}.get((model, clients))
-            if goal is not None:
-                p99 = (
-                    f", p99 {'no worse' if p99_ok else 'WORSE'} than the peer's" if model == "vit_t4" else ""
-                )
-                met = ratio >= goal and (p99_ok or model != "vit_t4")
-                targets.append(
-                    f"{model}, {clients} clients: {ratio:.2f}x (>= {goal}x){p99}: {'met' if met else 'MISSED'}"
-                )
+                lines.append(table_row(model, clients, s, ps, None if s == peer else base))
+            for s in ours:
+                targets += target_line(model, clients, s, rows[s], base, len(ours) > 1)
     errors = sum(p.errors for p in phases)
     samples = [e for p in phases for e in p.error_samples][:3]
     lines += ["", "targets (issue 13): " + "; ".join(targets or ["none for these models/clients"])]
@@ -343,15 +379,16 @@ def main(argv=None) -> int:
     p.add_argument("--check", type=int, default=50, help="images in the correctness pass")
     p.add_argument(
         "--supmae-args",
-        default="",
+        action="append",
         help="extra supmae-serve flags, one string (write --supmae-args='--backend ...'); {export} = an fp32 "
-        "ONNX export of the model made first",
+        "ONNX export of the model made first; repeat it to compare several configurations (default: none)",
     )
     p.add_argument("--peer-threads", type=int, default=2, help="the peer's torch intra-op threads")
     p.add_argument("--nice", type=int, default=0, help="lower this run's priority (servers inherit it)")
     p.add_argument("--out", type=Path, help="write every phase and the run's metadata here (JSON)")
     args = p.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
+    args.supmae_args = args.supmae_args or [""]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
         if m not in MODELS:
@@ -382,11 +419,13 @@ def main(argv=None) -> int:
         ps, checks[m] = run_model(m, args, work, paths)
         phases += ps
     meta["load_after"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    doc = {"meta": meta, "correctness": checks, "phases": [asdict(p) for p in phases]}
+    if args.out:  # written before the report, so a report bug never costs the measurements
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")
     text = report(phases, meta, args)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"meta": meta, "correctness": checks, "phases": [asdict(p) for p in phases], "table": text}
-        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+        args.out.write_text(json.dumps({**doc, "table": text}, indent=2) + "\n")
     print()
     print(text)
     return 0
