@@ -11,6 +11,8 @@ to /v1/classify and wait for the answer. Both servers start once (warmed up) and
 The table gives medians over the repeats; every phase stops by itself after --duration seconds (or
 --max-requests requests). The model has random weights (throughput does not depend on them).
 Targets (docs/benchmarks.md): batched >= 90% of raw and >= 2x unbatched at 16 clients, with zero errors.
+--server-args adds supmae-serve flags to both servers: `--server-args='--backend torch'` keeps the servers on
+the backend the raw phases time, whatever the server's default backend is.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import io
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -163,12 +166,12 @@ def run(args: argparse.Namespace) -> list[list[Phase]]:
     size = load_model_card(model / "model.json").preprocessing.image_size
     image = test_image(size)
     batched_flags = ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
-    batched_flags += ["--max-queue", str(max(256, 4 * args.clients))]
+    batched_flags += ["--max-queue", str(max(256, 4 * args.clients)), *shlex.split(args.server_args)]
     servers = {
         "server, batching": start_server(model, batched_flags, args.threads, work / "batched.log"),
         "server, no batching": start_server(
             model,
-            ["--no-batching", "--max-queue", str(max(256, 4 * args.clients))],
+            ["--no-batching", "--max-queue", str(max(256, 4 * args.clients)), *shlex.split(args.server_args)],
             args.threads,
             work / "unbatched.log",
         ),
@@ -282,6 +285,12 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--nice", type=int, default=10, help="lower this run's priority (other work shares the machine)"
+    )
+    p.add_argument(
+        "--server-args",
+        default="",
+        help="extra supmae-serve flags for both servers, one string, e.g. --server-args='--backend torch' "
+        "(the raw phases always time the torch backend)",
     )
     p.add_argument("--json", type=Path, help="also write every phase of every repeat here")
     p.add_argument("--raw", default=None, help=argparse.SUPPRESS)  # internal: one raw measurement, as JSON
