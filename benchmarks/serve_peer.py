@@ -180,7 +180,8 @@ def start_servers(name: str, model: Path, args: argparse.Namespace, work: Path) 
     for i, extra in enumerate(args.supmae_args):
         flags = shlex.split(extra)
         if any("{export}" in f for f in flags):
-            log(f"{name}: exporting {model} to ONNX for --supmae-args")
+            if not (work / f"export_{name}" / "manifest.json").exists():
+                log(f"{name}: exporting {model} to ONNX for --supmae-args")
             export = export_model(model, work / f"export_{name}", work / f"export_{name}.log")
             flags = [f.replace("{export}", str(export)) for f in flags]
         proc, base = start_supmae(model, flags, work / f"supmae_{name}_{i}.log")

@@ -606,6 +606,28 @@ def test_inference_workers_reach_the_batcher_and_fall_back_to_one_where_unsafe(c
     assert "runs one batch at a time; using 1 worker" in caplog.text
 
 
+def test_large_json_bodies_are_parsed_off_the_event_loop(monkeypatch):
+    from supmae_serve.api import inputs
+
+    threads = []
+    parse = inputs._parse_json
+
+    def recording(body, limits):
+        threads.append(threading.current_thread().name)
+        return parse(body, limits)
+
+    monkeypatch.setattr(inputs, "_parse_json", recording)
+    big = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8)))
+    assert len(b64(big)) > inputs.PARSE_OFF_LOOP_BYTES
+    with fake_client(FakeBackend(fake_card(class_names=CLASSES))) as c:
+        assert c.post("/v1/classify", json={"images": [b64(PNG)]}).status_code == 200
+        assert c.post("/v1/classify", json={"images": [b64(big)]}).status_code == 200
+        r = c.post("/v1/classify", content=b"[" * 100_000, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_json"
+    assert not threads[0].startswith("supmae-decode")  # small: parsed in place, a thread hop costs more
+    assert threads[1].startswith("supmae-decode") and threads[2].startswith("supmae-decode")
+
+
 def test_queue_full_is_429_with_retry_after():
     fake = GatedBackend()
     with fake_client(fake, max_queue=2, max_images_per_request=2, max_batch_size=1, max_wait_ms=0) as c:

@@ -124,7 +124,7 @@ async def _run(
     render: Callable[[Any, int, Any, torch.Tensor], Any],
     header: Callable[[Any], dict],
 ) -> JSONResponse:
-    parsed = await parse_request(request, service.request_limits)
+    parsed = await parse_request(request, service.request_limits, service.run_blocking)
     opts = _options(options_model, request, parsed.options)
     if not parsed.items:
         raise ApiError(422, "no_images", "no images in the request")
