@@ -189,7 +189,7 @@ def start_servers(name: str, model: Path, args: argparse.Namespace, work: Path) 
     servers.append(start_peer(model, args, work))
     for s in servers:
         wait_ready(s.proc, s.base, path="/readyz" if s.stats_file is None else "/health")
-    log(f"{name}: both servers ready (logs in {work})")
+    log(f"{name}: {len(servers)} servers ready (logs in {work})")
     return servers
 
 
@@ -361,7 +361,14 @@ def report(phases: list[Phase], meta: dict, args: argparse.Namespace) -> str:
                 targets += target_line(model, clients, s, rows[s], base, len(ours) > 1)
     errors = sum(p.errors for p in phases)
     samples = [e for p in phases for e in p.error_samples][:3]
-    lines += ["", "targets (issue 13): " + "; ".join(targets or ["none for these models/clients"])]
+    caveats = []
+    if args.repeats < 3 or args.duration < 10:
+        caveats.append("SMOKE SETTINGS (fewer than 3 repeats or under 10 s per phase)")
+    busy = float(meta["load_before"].split()[0])
+    if busy > 0.5 * (meta["cores"] or 1):
+        caveats.append(f"BUSY MACHINE (load average {busy:.1f} before the run)")
+    caveat = f" [{'; '.join(caveats)}: not a measurement]" if caveats else ""
+    lines += ["", f"targets (issue 13){caveat}: " + "; ".join(targets or ["none for these models/clients"])]
     lines.append(f"errors: {errors}" + (f" (e.g. {' | '.join(samples)})" if samples else ""))
     return "\n".join(lines)
 

@@ -146,3 +146,10 @@ def test_report_ratios_and_targets():
     # 1.50x reaches the throughput goal, but p99 60 ms against the peer's 50 ms misses it
     assert "vit_t4, 1 clients: 1.50x (>= 1.5x), p99 WORSE than the peer's: MISSED" in text
     assert "vit_s16, 16 clients: nanx (>= 1.2x): MISSED" in text  # a server that served nothing
+    assert "not a measurement" not in text
+    args.repeats, meta["load_before"] = 1, "3.5"
+    text = serve_peer.report(phases, meta, args)
+    assert (
+        "[SMOKE SETTINGS (fewer than 3 repeats or under 10 s per phase); BUSY MACHINE (load average 3.5"
+        in text
+    )
