@@ -344,6 +344,34 @@ def test_close_drains_every_worker():
     assert [r[0].value for r in run(main())] == [0, 2, 4, 6, 8]
 
 
+def test_a_dead_worker_fails_every_batch_in_flight():
+    rec = Recorder()
+    rec.gate.clear()
+    entered = threading.Semaphore(0)
+
+    def run_batch(key, payloads):
+        entered.release()
+        return rec(key, payloads)
+
+    async def main():
+        b = MicroBatcher(run_batch, BatchConfig(max_batch_size=1, max_wait_ms=0, workers=2))
+        b.start()
+        running = [asyncio.ensure_future(b.submit("k", [i])) for i in range(2)]
+        for _ in range(2):
+            while not entered.acquire(blocking=False):
+                await asyncio.sleep(0.005)
+        queued = asyncio.ensure_future(b.submit("k", [2]))
+        await asyncio.sleep(0.01)
+        b._task.cancel()
+        results = await asyncio.gather(*running, queued, return_exceptions=True)
+        rec.gate.set()  # let the model threads finish
+        await b.close()
+        return results
+
+    results = run(main())
+    assert all(isinstance(r, BatcherClosedError) for r in results), results
+
+
 def test_config_is_validated():
     with pytest.raises(ValueError):
         BatchConfig(max_batch_size=0)
