@@ -341,6 +341,8 @@ def report(phases: list[Phase], meta: dict, args: argparse.Namespace) -> str:
         f"{args.duration:g} s per phase after {args.warmup:g} s warm-up, median of {args.repeats} (range); "
         f"supmae-serve args: {' | '.join(a or '(defaults)' for a in args.supmae_args)}; load average before/after: "
         f"{meta['load_before']} / {meta['load_after']}",
+        "versions: "
+        + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items() if k not in ("cpu",)),
         "",
         "| model | clients | server | images/s (range) | vs peer | p50 ms | p99 ms | cores busy | mean batch | errors / requests |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
