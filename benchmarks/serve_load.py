@@ -11,19 +11,19 @@ to /v1/classify and wait for the answer. Both servers start once (warmed up) and
 The table gives medians over the repeats; every phase stops by itself after --duration seconds (or
 --max-requests requests). The model has random weights (throughput does not depend on them).
 Targets (docs/benchmarks.md): batched >= 90% of raw and >= 2x unbatched at 16 clients, with zero errors.
+--server-args adds supmae-serve flags to both servers: `--server-args='--backend torch'` keeps the servers on
+the backend the raw phases time, whatever the server's default backend is.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import io
 import json
 import os
-import re
+import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +37,9 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # loadgen beside this file
+
+from loadgen import closed_loop, process_cpu_s, start_supmae, stop, supmae_batch_stats, wait_ready  # noqa: E402
 
 
 @dataclass
@@ -117,116 +120,9 @@ def measure_raw(model: Path, batch: int, seconds: float, threads: int) -> tuple[
     return ips, cpu
 
 
-# ---------------------------------------------------------------------------- servers
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
+# ---------------------------------------------------------------------------- servers and load
 def start_server(model: Path, extra: list[str], threads: int, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "supmae_serve.cli", "--model", str(model), "--port", str(port), "--no-demo"]
-    cmd += ["--threads", str(threads), "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(proc: subprocess.Popen, base: str, timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}")
-        try:
-            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{base} not ready after {timeout} s")
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def batch_stats(base: str) -> tuple[float, float]:
-    import httpx
-
-    text = httpx.get(base + "/metrics", timeout=10).text
-    get = lambda name: float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))  # noqa: E731
-    return get("supmae_batch_size_sum"), get("supmae_batch_size_count")
-
-
-# ---------------------------------------------------------------------------- load
-class Connection:
-    """A minimal keep-alive HTTP/1.1 client (like wrk's): the load generator shares the 2 CPU cores with the
-    server, so it must cost far less per request than the server does (httpx costs about a millisecond)."""
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        try:
-            self.writer.write(head + body)
-            await self.writer.drain()
-            header = await self.reader.readuntil(b"\r\n\r\n")
-            status = int(header.split(b" ", 2)[1])
-            length = int(re.search(rb"(?i)content-length:\s*(\d+)", header).group(1))
-            return status, await self.reader.readexactly(length)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, AttributeError):
-            await self.close()
-            raise
-
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.reader = self.writer = None
-
-
-async def _load(base: str, image: bytes, clients: int, seconds: float, warmup_s: float, max_requests: int):
-    host, port = base.removeprefix("http://").split(":")
-    latencies: list[float] = []
-    errors: list[str] = []
-    start = time.perf_counter()
-    measure_from = start + warmup_s
-    stop_at = measure_from + seconds
-    count = 0
-
-    async def client() -> None:
-        nonlocal count
-        conn = Connection(host, int(port))
-        while time.perf_counter() < stop_at and count < max_requests:
-            t0 = time.perf_counter()
-            try:
-                status, body = await conn.post("/v1/classify", image, "image/jpeg")
-                ok, why = status == 200, f"HTTP {status}: {body[:120]!r}"
-            except Exception as e:  # noqa: BLE001 - every failure is an error to report
-                ok, why = False, repr(e)
-            t1 = time.perf_counter()
-            if t0 >= measure_from and t1 <= stop_at:
-                count += 1
-                if ok:
-                    latencies.append(t1 - t0)
-                else:
-                    errors.append(why)
-        await conn.close()
-
-    await asyncio.gather(*(client() for _ in range(clients)))
-    window = min(time.perf_counter(), stop_at) - measure_from
-    return latencies, errors, window
+    return start_supmae(model, ["--threads", str(threads), *extra], log)
 
 
 def load_phase(
@@ -239,11 +135,12 @@ def load_phase(
     warmup_s: float,
     max_requests: int,
 ) -> Phase:
-    images0, batches0 = batch_stats(base)
+    images0, batches0 = supmae_batch_stats(base)
     cpu0, me0 = process_cpu_s(pid), time.process_time()
-    lat, errors, window = asyncio.run(_load(base, image, clients, seconds, warmup_s, max_requests))
+    load = closed_loop(base, "/v1/classify", [image], "image/jpeg", clients, seconds, warmup_s, max_requests)
+    lat, errors, window = load.latencies, load.errors, load.window_s
     cpu1, me1 = process_cpu_s(pid), time.process_time()
-    images1, batches1 = batch_stats(base)
+    images1, batches1 = supmae_batch_stats(base)
     # every image the server ran in the phase, warm-up included (as in the CPU times)
     images, batches = max(images1 - images0, 1), max(batches1 - batches0, 1)
     ms = np.array(lat) * 1000 if lat else np.array([float("nan")])
@@ -269,12 +166,12 @@ def run(args: argparse.Namespace) -> list[list[Phase]]:
     size = load_model_card(model / "model.json").preprocessing.image_size
     image = test_image(size)
     batched_flags = ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
-    batched_flags += ["--max-queue", str(max(256, 4 * args.clients))]
+    batched_flags += ["--max-queue", str(max(256, 4 * args.clients)), *shlex.split(args.server_args)]
     servers = {
         "server, batching": start_server(model, batched_flags, args.threads, work / "batched.log"),
         "server, no batching": start_server(
             model,
-            ["--no-batching", "--max-queue", str(max(256, 4 * args.clients))],
+            ["--no-batching", "--max-queue", str(max(256, 4 * args.clients)), *shlex.split(args.server_args)],
             args.threads,
             work / "unbatched.log",
         ),
@@ -309,11 +206,7 @@ def run(args: argparse.Namespace) -> list[list[Phase]]:
             )
     finally:
         for proc, _ in servers.values():
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     return results
 
 
@@ -392,6 +285,12 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--nice", type=int, default=10, help="lower this run's priority (other work shares the machine)"
+    )
+    p.add_argument(
+        "--server-args",
+        default="",
+        help="extra supmae-serve flags for both servers, one string, e.g. --server-args='--backend torch' "
+        "(the raw phases always time the torch backend)",
     )
     p.add_argument("--json", type=Path, help="also write every phase of every repeat here")
     p.add_argument("--raw", default=None, help=argparse.SUPPRESS)  # internal: one raw measurement, as JSON

@@ -3,9 +3,14 @@
 Requests put their images on one bounded queue as items with a key (what to run: `("embed", "avg")`,
 `("classify",)`, `("reconstruct", 0.75)`); one worker task takes the oldest item's key and dispatches up to
 `max_batch_size` items of that key as one model call when the batch is full or the oldest item has waited
-`max_wait_ms` (like Triton's max queue delay: under load batches fill at once, when idle a lone image waits at
-most `max_wait_ms`). The model call runs on one dedicated thread, so the event loop keeps accepting and
-decoding while the model computes, and a backend is never called from two threads at once.
+`max_wait_ms` (like Triton's max queue delay: under load batches fill at once). Given `arriving` (how many
+images the caller has accepted and is still decoding), the worker also stops waiting as soon as nothing more
+is on its way: a lone client's image runs at once instead of sitting out `max_wait_ms` for company that
+cannot come (the caller calls `poke()` when its count drops). The model call runs on a dedicated thread,
+so the event loop keeps accepting and decoding while the model computes. With `workers` > 1, up to that many
+batches run at once, each on its own thread (for backends that may be called from several threads: torch,
+onnxruntime); with 1 intra-op thread each they use the cores without meeting at a barrier, so a core taken
+for decoding slows one call instead of stalling both. A new batch forms only when a worker is free.
 
 - bounded: a request whose images do not fit in `max_queue` is refused at once (`QueueFullError` -> 429
   with a Retry-After estimated from the recent throughput); nothing of it is queued;
@@ -40,9 +45,16 @@ class BatchConfig:
     max_wait_ms: float = 5.0  # how long the oldest item waits for its batch to fill
     max_queue: int = 256  # items waiting at most
     timeout_s: float = 30.0  # per-submit deadline: queue + inference
+    workers: int = 1  # model calls at once, each on its own thread
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue < 1 or self.max_wait_ms < 0 or self.timeout_s <= 0:
+        if (
+            self.max_batch_size < 1
+            or self.max_queue < 1
+            or self.max_wait_ms < 0
+            or self.timeout_s <= 0
+            or self.workers < 1
+        ):
             raise ValueError(f"invalid batching config {self}")
 
 
@@ -108,12 +120,16 @@ class MicroBatcher:
         config: BatchConfig = BatchConfig(),
         observer: BatchObserver | None = None,
         executor: Executor | None = None,
+        arriving: Callable[[], int] | None = None,
     ):
         self.config = config
+        self._arriving = arriving
         self._run_batch = run_batch
         self._observer = observer or _NullObserver()
         self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="supmae-infer")
+        self._executor = executor or ThreadPoolExecutor(
+            max_workers=config.workers, thread_name_prefix="supmae-infer"
+        )
         self._pending: OrderedDict[Hashable, deque[_Item]] = OrderedDict()
         self._depth = 0
         self._wakeup: asyncio.Event | None = None
@@ -181,12 +197,17 @@ class MicroBatcher:
         self._depth = 0
         self._observer.on_depth(0)
 
+    def poke(self) -> None:
+        """Make the worker look at the queue again (the `arriving` count has dropped)."""
+        if self._wakeup is not None:
+            self._wakeup.set()
+
     # ------------------------------------------------------------------ submitting
     def retry_after_s(self) -> int:
         """Seconds until the queue has likely drained, from the recent throughput (1..60)."""
         if self._rate <= 0:
             return 1
-        return int(min(60, max(1, math.ceil(self._depth / self._rate))))
+        return int(min(60, max(1, math.ceil(self._depth / (self._rate * self.config.workers)))))
 
     def check_capacity(self, n: int) -> None:
         """Raise what `submit` would for `n` items now (BatcherClosedError, QueueFullError); callers use it
@@ -266,33 +287,56 @@ class MicroBatcher:
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
+        running: set[asyncio.Task] = set()  # batches in flight when workers > 1
+        try:
+            while True:
+                if len(running) >= self.config.workers:  # every model thread busy: the queue keeps filling
+                    _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                batch = await self._next_batch(loop)
+                if batch is None:  # closing, and nothing is queued
+                    if running:
+                        await asyncio.wait(running)
+                    return
+                if not batch[1]:
+                    continue
+                if self.config.workers == 1:
+                    await self._dispatch(loop, *batch)
+                else:
+                    running.add(loop.create_task(self._dispatch(loop, *batch)))
+        finally:
+            for task in running:
+                task.cancel()  # their items fail with BatcherClosedError
+
+    async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> tuple[Hashable, list[_Item]] | None:
+        """Wait for the next batch to form -> (key, items); None once closing with nothing queued."""
         max_wait = self.config.max_wait_ms / 1000.0
         while True:
             if not self._pending:
                 if self._closing:
-                    return
+                    return None
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             key = self._oldest_key()
             deadline = self._pending[key][0].enqueued + max_wait
-            # wait for the batch to fill, at most until the oldest item's deadline (not while draining)
+            # wait for the batch to fill, at most until the oldest item's deadline and only while more images
+            # are on their way (not while draining)
             while (
                 not self._closing
                 and key in self._pending
                 and len(self._pending[key]) < self.config.max_batch_size
             ):
+                if self._arriving is not None and self._arriving() <= 0:
+                    break
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
                 self._wakeup.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
-            if key not in self._pending:  # every item of the key was discarded meanwhile
-                continue
-            items = self._take(key)
-            if items:
-                await self._dispatch(loop, key, items)
+            if key in self._pending:  # else every item of the key was discarded meanwhile
+                return key, self._take(key)
 
     async def _dispatch(self, loop: asyncio.AbstractEventLoop, key: Hashable, items: list[_Item]) -> None:
         start = loop.time()

@@ -61,13 +61,24 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(32, ge=1, le=4096, description="images per model call")
     max_wait_ms: float = Field(
-        5.0, ge=0, le=10_000, description="how long the oldest queued image waits for a batch to fill"
+        5.0,
+        ge=0,
+        le=10_000,
+        description="how long the oldest queued image waits at most for a batch to fill "
+        "(only while more images are being decoded)",
     )
     max_queue: int = Field(256, ge=1, description="images waiting at most; beyond it requests get 429")
     request_timeout_s: float = Field(
         30.0, gt=0, description="per-request deadline (URL fetching, decoding, queue, inference) -> 504"
     )
     decode_threads: int = Field(4, ge=1, le=256, description="threads that decode images off the event loop")
+    inference_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="batches run at once, each on its own thread (torch and onnxruntime backends; others run "
+        "one); pair with --threads so workers x threads = cores, e.g. 2 workers x 1 thread on 2 cores",
+    )
     gpu_decode: bool = Field(True, description="decode JPEGs on the GPU (nvjpeg) when serving on CUDA")
 
     # --- similarity search (/v1/search; supmae_serve/api/search.py)
@@ -222,13 +233,18 @@ class Settings(BaseSettings):
 
         if not self.batching:
             return BatchConfig(
-                max_batch_size=1, max_wait_ms=0.0, max_queue=self.max_queue, timeout_s=self.request_timeout_s
+                max_batch_size=1,
+                max_wait_ms=0.0,
+                max_queue=self.max_queue,
+                timeout_s=self.request_timeout_s,
+                workers=self.inference_workers,
             )
         return BatchConfig(
             max_batch_size=self.max_batch_size,
             max_wait_ms=self.max_wait_ms,
             max_queue=self.max_queue,
             timeout_s=self.request_timeout_s,
+            workers=self.inference_workers,
         )
 
     def backend_config(self):

@@ -575,6 +575,59 @@ def test_concurrent_requests_are_batched_together():
         assert max(int(r.headers["x-batch-size"]) for r in results) > 1
 
 
+def test_a_lone_request_does_not_sit_out_max_wait():
+    """Nothing else is being decoded, so the batch runs at once rather than after the 3 s max wait; a request
+    whose images all fail to decode leaves nothing announced behind it."""
+    fake = FakeBackend(fake_card(class_names=CLASSES))
+    with fake_client(fake, max_wait_ms=3000, max_batch_size=8) as c:
+        r = good_request(c)
+        assert float(r.headers["x-queue-time-ms"]) < 1000, r.headers
+        bad = c.post("/v1/classify", content=b"not an image", headers={"content-type": "image/png"})
+        assert bad.status_code == 415
+        assert c.app.state.service.arriving == 0
+        assert float(good_request(c).headers["x-queue-time-ms"]) < 1000
+
+
+def test_inference_workers_reach_the_batcher_and_fall_back_to_one_where_unsafe(caplog):
+    fake = FakeBackend(fake_card(class_names=CLASSES), delay_s=0.01)
+    with fake_client(fake, inference_workers=2) as c:
+        assert c.get("/v1/info").json()["batching"]["workers"] == 2
+        assert c.app.state.service.batcher.config.workers == 2
+        good_request(c)
+
+    class OneAtATime(FakeBackend):
+        name = "tensorrt"  # an execution context must not be entered from two threads
+
+    with caplog.at_level(logging.WARNING, "supmae.service"):
+        with fake_client(OneAtATime(fake_card(class_names=CLASSES)), inference_workers=2) as c:
+            assert c.get("/v1/info").json()["batching"]["workers"] == 1
+            assert c.app.state.service.batcher.config.workers == 1
+            good_request(c)
+    assert "runs one batch at a time; using 1 worker" in caplog.text
+
+
+def test_large_json_bodies_are_parsed_off_the_event_loop(monkeypatch):
+    from supmae_serve.api import inputs
+
+    threads = []
+    parse = inputs._parse_json
+
+    def recording(body, limits):
+        threads.append(threading.current_thread().name)
+        return parse(body, limits)
+
+    monkeypatch.setattr(inputs, "_parse_json", recording)
+    big = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8)))
+    assert len(b64(big)) > inputs.PARSE_OFF_LOOP_BYTES
+    with fake_client(FakeBackend(fake_card(class_names=CLASSES))) as c:
+        assert c.post("/v1/classify", json={"images": [b64(PNG)]}).status_code == 200
+        assert c.post("/v1/classify", json={"images": [b64(big)]}).status_code == 200
+        r = c.post("/v1/classify", content=b"[" * 100_000, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_json"
+    assert not threads[0].startswith("supmae-decode")  # small: parsed in place, a thread hop costs more
+    assert threads[1].startswith("supmae-decode") and threads[2].startswith("supmae-decode")
+
+
 def test_queue_full_is_429_with_retry_after():
     fake = GatedBackend()
     with fake_client(fake, max_queue=2, max_images_per_request=2, max_batch_size=1, max_wait_ms=0) as c:
@@ -628,6 +681,17 @@ def test_readiness_turns_false_when_the_batching_worker_dies(ckpt):
         r = c.post("/v1/embed", content=PNG, headers={"content-type": "image/png"})
         assert r.status_code == 503 and r.headers["retry-after"]
         assert c.get("/healthz").status_code == 200  # alive, not ready: the orchestrator restarts it
+
+
+def test_the_start_up_heap_is_frozen_before_ready(ckpt):
+    import gc
+
+    gc.unfreeze()  # (an earlier test's server may have frozen it already)
+    app = create_app(settings(ckpt))
+    assert gc.get_freeze_count() == 0
+    with TestClient(app) as c:
+        assert c.get("/readyz").status_code == 200
+        assert gc.get_freeze_count() > 10_000  # torch, the app and the model: out of the collector's sight
 
 
 def test_warmup_runs_before_ready(ckpt):

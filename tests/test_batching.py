@@ -98,6 +98,50 @@ def test_a_lone_request_waits_at_most_max_wait():
     assert 0.025 <= r[0].queue_s < 2.0 and elapsed < 2.0  # it waited for company, then went alone
 
 
+def test_with_nothing_arriving_a_lone_request_runs_at_once():
+    rec = Recorder()
+
+    async def main():
+        b = MicroBatcher(rec, BatchConfig(max_batch_size=64, max_wait_ms=5000), arriving=lambda: 0)
+        b.start()
+        r = await b.submit("k", [1])
+        await b.close()
+        return r
+
+    r = run(main())
+    assert r[0].value == 2 and r[0].batch_size == 1
+    assert r[0].queue_s < 1.0  # not the 5 s max wait: no other image was on its way
+
+
+def test_the_batch_waits_for_images_on_their_way_then_runs_when_none_are_left():
+    rec = Recorder()
+    on_the_way = {"n": 2}
+
+    async def main():
+        b = MicroBatcher(
+            rec, BatchConfig(max_batch_size=64, max_wait_ms=5000), arriving=lambda: on_the_way["n"]
+        )
+        b.start()
+        first = asyncio.ensure_future(b.submit("k", [1]))
+        await asyncio.sleep(0.1)
+        assert not rec.batches and not first.done()  # two more announced: it waits for them
+        on_the_way["n"] = 1
+        second = asyncio.ensure_future(b.submit("k", [2]))  # one arrives
+        await asyncio.sleep(0.1)
+        assert not rec.batches  # still one on its way
+        on_the_way["n"] = 0  # the last one failed to decode: nothing is coming any more
+        b.poke()
+        t0 = time.perf_counter()
+        results = await asyncio.gather(first, second)
+        waited = time.perf_counter() - t0
+        await b.close()
+        return results, waited
+
+    (r1, r2), waited = run(main())
+    assert [r1[0].value, r2[0].value] == [2, 4] and r1[0].batch_size == 2
+    assert rec.batches == [("k", [1, 2])] and waited < 1.0
+
+
 def test_queue_full_refuses_the_whole_request_and_queues_nothing():
     rec = Recorder()
     rec.gate.clear()
@@ -225,8 +269,113 @@ def test_close_drains_the_queue_then_refuses_new_work():
     assert [r[0].value for r in results] == [0, 2, 4, 6, 8]  # everything queued before close finished
 
 
+def test_workers_run_batches_at_once_and_the_queue_fills_while_they_are_busy():
+    both_running = threading.Barrier(2, timeout=5)  # only passes when two model calls run at the same time
+    rec = Recorder()
+    rec.gate.clear()
+
+    entered = []
+
+    def run_batch(key, payloads):
+        if payloads[0] < 2:  # the first two batches must meet inside the model
+            both_running.wait()
+        entered.append(payloads[0])
+        return rec(key, payloads)
+
+    async def main():
+        b = MicroBatcher(run_batch, BatchConfig(max_batch_size=8, max_wait_ms=0, workers=2))
+        b.start()
+        first = asyncio.ensure_future(b.submit("k", [0]))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(b.submit("k", [1]))
+        while len(entered) < 2:  # both calls are in the model, held by the gate
+            await asyncio.sleep(0.005)
+        rest = [asyncio.ensure_future(b.submit("k", [i])) for i in range(2, 7)]
+        await asyncio.sleep(0.1)
+        assert b.depth == 5  # no free worker: they wait, together
+        rec.gate.set()
+        results = await asyncio.gather(first, second, *rest)
+        await b.close()
+        return results
+
+    results = run(main())
+    assert [r[0].value for r in results] == [2 * i for i in range(7)]
+    assert sorted(len(p) for _, p in rec.batches) == [1, 1, 5]  # the five queued meanwhile ran as one batch
+
+
+def test_one_worker_never_runs_two_batches_at_once():
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def run_batch(key, payloads):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return payloads
+
+    async def main():
+        b = MicroBatcher(run_batch, BatchConfig(max_batch_size=1, max_wait_ms=0))
+        b.start()
+        await asyncio.gather(*(b.submit("k", [i]) for i in range(6)))
+        await b.close()
+
+    run(main())
+    assert most[0] == 1
+
+
+def test_close_drains_every_worker():
+    rec = Recorder()
+    rec.gate.clear()
+
+    async def main():
+        b = MicroBatcher(rec, BatchConfig(max_batch_size=1, max_wait_ms=0, workers=3))
+        b.start()
+        pending = [asyncio.ensure_future(b.submit("k", [i])) for i in range(5)]
+        await asyncio.sleep(0.05)
+        closing = asyncio.ensure_future(b.close(drain=True, timeout=10))
+        await asyncio.sleep(0.05)
+        rec.gate.set()
+        await closing
+        return await asyncio.gather(*pending)
+
+    assert [r[0].value for r in run(main())] == [0, 2, 4, 6, 8]
+
+
+def test_a_dead_worker_fails_every_batch_in_flight():
+    rec = Recorder()
+    rec.gate.clear()
+    entered = threading.Semaphore(0)
+
+    def run_batch(key, payloads):
+        entered.release()
+        return rec(key, payloads)
+
+    async def main():
+        b = MicroBatcher(run_batch, BatchConfig(max_batch_size=1, max_wait_ms=0, workers=2))
+        b.start()
+        running = [asyncio.ensure_future(b.submit("k", [i])) for i in range(2)]
+        for _ in range(2):
+            while not entered.acquire(blocking=False):
+                await asyncio.sleep(0.005)
+        queued = asyncio.ensure_future(b.submit("k", [2]))
+        await asyncio.sleep(0.01)
+        b._task.cancel()
+        results = await asyncio.gather(*running, queued, return_exceptions=True)
+        rec.gate.set()  # let the model threads finish
+        await b.close()
+        return results
+
+    results = run(main())
+    assert all(isinstance(r, BatcherClosedError) for r in results), results
+
+
 def test_config_is_validated():
     with pytest.raises(ValueError):
         BatchConfig(max_batch_size=0)
     with pytest.raises(ValueError):
         BatchConfig(timeout_s=0)
+    with pytest.raises(ValueError):
+        BatchConfig(workers=0)

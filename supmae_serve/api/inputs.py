@@ -15,6 +15,7 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,12 +167,25 @@ def _json_item(value: Any, index: int, limits: RequestLimits) -> RawImage:
     )
 
 
-async def parse_request(request: Request, limits: RequestLimits) -> ParsedRequest:
+# JSON bodies above this are parsed (json.loads, base64) on a worker thread: a call holds the GIL for its whole
+# run, and a 32 MB body would stall the event loop, and so every other request, for tens of milliseconds;
+# below it the thread hop costs more than the parse
+PARSE_OFF_LOOP_BYTES = 64 * 1024
+
+
+async def parse_request(
+    request: Request, limits: RequestLimits, run_blocking: Callable[..., Awaitable[Any]] | None = None
+) -> ParsedRequest:
+    """The request's images and options; `run_blocking(fn, *args)` (the service's decode pool) takes the
+    parsing of large JSON bodies off the event loop."""
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media == "multipart/form-data":
         return await _parse_multipart(request, limits)
     if media == "application/json" or media.endswith("+json"):
-        return _parse_json(await read_body(request, limits.max_request_bytes), limits)
+        body = await read_body(request, limits.max_request_bytes)
+        if run_blocking is not None and len(body) > PARSE_OFF_LOOP_BYTES:
+            return await run_blocking(_parse_json, body, limits)
+        return _parse_json(body, limits)
     if media.startswith("image/") or media == "application/octet-stream":
         body = await read_body(request, limits.max_request_bytes)
         return ParsedRequest([RawImage(data=body, name="body")])

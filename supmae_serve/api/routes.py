@@ -136,7 +136,7 @@ class Route:
 
 async def _run(request: Request, route: Route) -> Response:
     service: InferenceService = request.app.state.service  # (no Depends on the hot path)
-    parsed = await parse_request(request, service.request_limits)
+    parsed = await parse_request(request, service.request_limits, service.run_blocking)
     opts = _options(route.options, request, parsed.options)
     if not parsed.items:
         raise ApiError(422, "no_images", "no images in the request")
@@ -153,12 +153,14 @@ async def _run(request: Request, route: Route) -> Response:
     key, seed = route.batch(service, opts)
     timeout_s = service.settings.request_timeout_s  # one deadline: fetching, decoding, queue and inference
     deadline = asyncio.get_running_loop().time() + timeout_s
+    arrival = service.arrival(len(parsed.items))  # the batcher waits for these while they decode
     try:
         service.check_capacity(len(parsed.items))  # before spending CPU on decoding
         prepared = await asyncio.wait_for(service.prepare(parsed.items), timeout_s)
         good = [(i, x) for i, x in enumerate(prepared) if isinstance(x, torch.Tensor)]
         remaining = max(deadline - asyncio.get_running_loop().time(), 0.001)
         payloads = [(x, seed) for _, x in good]
+        arrival.done()  # and queued in the same step: submit runs before the next await
         results = await service.infer(key, payloads, remaining) if good else []
     except QueueFullError as e:
         raise ApiError(429, "queue_full", str(e), {"Retry-After": str(e.retry_after_s)}) from e
@@ -168,6 +170,8 @@ async def _run(request: Request, route: Route) -> Response:
         raise ApiError(504, "timeout", f"no result within the request timeout of {timeout_s:g} s") from e
     except CapabilityError as e:
         raise ApiError(422, "capability_unavailable", str(e)) from e
+    finally:
+        arrival.done()
 
     items: list = [_error_item(i, x) if isinstance(x, ImageError) else None for i, x in enumerate(prepared)]
     service.metrics.images.labels(route.task, "ok").inc(len(good))

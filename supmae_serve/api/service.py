@@ -9,6 +9,8 @@ batcher for the Gradio demo, so demo clicks and API calls share batches, limits 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +40,11 @@ from .metrics import ServiceMetrics
 
 log = logging.getLogger("supmae.service")
 
+# backends that may be called from several threads at once (--inference-workers > 1): an onnxruntime session
+# and an eager torch module are; a TensorRT execution context is not, nor is a torch.compile'd function
+# (guards and recompilation), so those run one batch at a time
+CONCURRENT_BACKENDS = ("torch", "onnxruntime", "fake")
+
 
 @dataclass
 class Reconstructed:
@@ -65,6 +72,24 @@ def run_batch(backend: Backend, key: tuple, payloads: list[tuple[torch.Tensor, i
     raise ValueError(f"unknown task {task!r}")
 
 
+class Arrival:
+    """Images of one request between being accepted and being queued (fetching, decoding): the batcher waits
+    for a batch to fill only while some are on their way. `done()` (idempotent) when they are queued or
+    have failed."""
+
+    def __init__(self, service: InferenceService, n: int):
+        self._service, self.n = service, n
+        service.arriving += n
+
+    def done(self) -> None:
+        if self.n:
+            s = self._service
+            s.arriving -= self.n
+            self.n = 0
+            if s.arriving <= 0 and s.batcher is not None:
+                s.batcher.poke()
+
+
 class InferenceService:
     def __init__(self, settings: Settings, card: ModelCard, backend: Backend | None = None):
         self.settings = settings
@@ -89,6 +114,7 @@ class InferenceService:
         # URL fetches wait on the network: their own bounded pool, so slow URLs never hold the decode threads
         self.fetch_pool = ThreadPoolExecutor(settings.url_fetch_threads, thread_name_prefix="supmae-fetch")
         self.batcher: MicroBatcher | None = None
+        self.arriving = 0  # images accepted and being fetched/decoded, not yet queued (event loop only)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.loaded = backend is not None
         self.warmed = False
@@ -121,8 +147,20 @@ class InferenceService:
             self.backend.warmup(tuple(sizes))
             log.info("warmed up (batch sizes %s) in %.2f s", sizes, time.perf_counter() - t0)
         self.warmed = True
+        self._check_workers(self.backend_info)
         if self.settings.gpu_decode and self.backend_info.device.startswith("cuda"):
             self.gpu_decode_device = torch.device(self.backend_info.device)
+
+    def _check_workers(self, info: BackendInfo) -> None:
+        workers = self.batch_config.workers
+        if workers > 1 and (info.name not in CONCURRENT_BACKENDS or info.extra.get("compiled")):
+            log.warning(
+                "--inference-workers %d: the %s backend%s runs one batch at a time; using 1 worker",
+                workers,
+                info.name,
+                " (compiled)" if info.extra.get("compiled") else "",
+            )
+            self.batch_config = dataclasses.replace(self.batch_config, workers=1)
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -134,9 +172,18 @@ class InferenceService:
             raise
         backend = self.backend
         self.batcher = MicroBatcher(
-            lambda key, items: run_batch(backend, key, items), self.batch_config, self.metrics
+            lambda key, items: run_batch(backend, key, items),
+            self.batch_config,
+            self.metrics,
+            arriving=lambda: self.arriving,
         )
         self.batcher.start()
+        # Everything alive now (torch, onnxruntime, the app, the model) lives as long as the process: move it
+        # out of the collector's sight, so a full collection while serving scans only what requests create.
+        # Unfrozen, one full collection of the start-up heap (about 420k objects with the ORT backend) held
+        # the GIL, and so every thread of the server, for 0.1-1.4 s on the 2-core machine (docs/benchmarks.md).
+        gc.collect()
+        gc.freeze()
         self.metrics.ready.set(1)
 
     async def stop(self) -> None:
@@ -243,6 +290,11 @@ class InferenceService:
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
 
     # ------------------------------------------------------------------ inference
+    def arrival(self, n: int) -> Arrival:
+        """Announce `n` images that will be queued once decoded (call `done()` on the result right before
+        `infer`, with no await in between, or when the request fails)."""
+        return Arrival(self, n)
+
     def check_capacity(self, n: int) -> None:
         """Shed load before decoding anything: raise what `submit` would (BatcherClosedError, QueueFullError)
         if `n` images could not be queued now. `submit` checks again when they are."""
