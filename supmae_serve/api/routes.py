@@ -369,6 +369,7 @@ async def info(service: Service) -> dict:
         "backend": backend,
         "device": backend["device"] if backend else None,
         "precision": backend["precision"] if backend else None,
+        "selection": service.selection,  # backend, precision, why, CPU features, agreement, graph cache
         "capabilities": service.capabilities,
         "limits": {
             "max_request_bytes": s.max_request_bytes,
