@@ -48,11 +48,26 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(ckpt, tmp_path_factory) -> Path:
+def first_starts(ckpt, tmp_path_factory) -> tuple[Path, list[gc.CacheEntry]]:
+    """Two servers starting at once on an empty cache: (the cache root, their entries)."""
+    root = tmp_path_factory.mktemp("gc_built") / "graphs"
+    entries: list[gc.CacheEntry] = []
+
+    def start():
+        entries.append(gc.ensure_entry(gc.CacheRequest(ckpt, root, threads=1)))
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return root, entries
+
+
+@pytest.fixture(scope="module")
+def built(first_starts) -> Path:
     """A cache root holding one built fp32 entry for `ckpt`."""
-    root = tmp_path_factory.mktemp("gc_built")
-    gc.ensure_entry(gc.CacheRequest(ckpt, root, threads=1))
-    return root
+    return first_starts[0]
 
 
 @pytest.fixture
@@ -78,18 +93,8 @@ def x(n: int = 5) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- build, reuse, rebuild
-def test_first_start_builds_concurrent_starts_build_once_and_later_starts_reuse(ckpt, tmp_path):
-    root = tmp_path / "graphs"
-    entries: list = []
-
-    def start():
-        entries.append(gc.ensure_entry(gc.CacheRequest(ckpt, root, threads=1)))
-
-    threads = [threading.Thread(target=start) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+def test_first_start_builds_concurrent_starts_build_once_and_later_starts_reuse(ckpt, first_starts):
+    root, entries = first_starts
     assert sorted(e.status for e in entries) == ["built", "reused"]  # the second waited on the lock
     assert entries[0].folder == entries[1].folder and entries[0].info["key"] == entries[1].info["key"]
     assert [p.name for p in root.iterdir() if p.is_dir()] == [entries[0].folder.name]  # no temp folder left
@@ -99,7 +104,11 @@ def test_first_start_builds_concurrent_starts_build_once_and_later_starts_reuse(
 
     b = create_backend(config(ckpt, root), CPU_ORT)
     sel = b.selection
-    assert (b.info().name, b.info().precision, b.info().extra["encoder"]) == ("onnxruntime", "fp32", "encoder.opt.onnx")
+    assert (b.info().name, b.info().precision, b.info().extra["encoder"]) == (
+        "onnxruntime",
+        "fp32",
+        "encoder.opt.onnx",
+    )
     assert sel["graph_cache"]["status"] == "reused" and sel["graph_cache"]["path"] == str(entries[0].folder)
     assert "no AMX" in sel["why"] and sel["cpu"]["features"] == ["avx2"]
     # it computes what torch computes, reconstruction (through torch) included
@@ -220,7 +229,9 @@ def test_bf16_is_auto_only_on_amx_and_only_when_it_agrees(ckpt, cache, monkeypat
     info["agreement"]["bf16"]["top1"] = 0.99  # below 99.5%
     (entry / gc.CACHE_FILE).write_text(json.dumps(info))
     b = create_backend(config(ckpt, cache, cpu_flags=AMX), CPU_ORT)
-    assert (b.info().name, b.info().precision) == ("onnxruntime", "fp32") and "only 99.0%" in b.selection["why"]
+    assert (b.info().name, b.info().precision) == ("onnxruntime", "fp32") and "only 99.0%" in b.selection[
+        "why"
+    ]
 
 
 # ---------------------------------------------------------------------------- the INT8 gate
@@ -259,7 +270,9 @@ def test_settings_and_flags_for_the_cache(monkeypatch, tmp_path):
     s, _ = parse_settings(["--graph-cache", str(tmp_path / "g"), "--calib-data", str(tmp_path)])
     assert s.backend_config().graph_cache == tmp_path / "g" and s.backend_config().calib_data == tmp_path
     monkeypatch.setenv("SUPMAE_GRAPH_CACHE", "off")
-    assert Settings().backend_config().graph_cache is None and Settings(graph_cache=False).graph_cache == "off"
+    assert (
+        Settings().backend_config().graph_cache is None and Settings(graph_cache=False).graph_cache == "off"
+    )
 
 
 def test_info_says_what_was_picked_and_why(ckpt, cache, monkeypatch):

@@ -42,16 +42,22 @@ def pick_calibration(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.calib_set", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="the ImageFolder the model was trained on")
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder; images go to its calib/")
+    p.add_argument(
+        "--checkpoint", type=Path, required=True, help="checkpoint folder; images go to its calib/"
+    )
     p.add_argument("--per-class", type=int, default=50, help="images per class (default 50)")
     p.add_argument("--seed", type=int, default=0, help="which held-out images (default 0)")
     args = p.parse_args(argv)
     card = load_model_card(args.checkpoint)
     data = (card.training or {}).get("data", {})
     if "holdout" not in data:
-        print(f"{args.checkpoint}: the model card names no hold-out; cannot tell unseen images", file=sys.stderr)
+        print(
+            f"{args.checkpoint}: the model card names no hold-out; cannot tell unseen images", file=sys.stderr
+        )
         return 2
-    picked = pick_calibration(args.data, data["holdout"], data.get("holdout_seed", 0), args.per_class, args.seed)
+    picked = pick_calibration(
+        args.data, data["holdout"], data.get("holdout_seed", 0), args.per_class, args.seed
+    )
     out = args.checkpoint / "calib"
     if out.exists():
         shutil.rmtree(out)
