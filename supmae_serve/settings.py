@@ -55,7 +55,8 @@ class Settings(BaseSettings):
     backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "fake"] = Field(
         "auto",
         description="auto picks the fastest available: tensorrt engine > onnxruntime on CUDA/TensorRT > "
-        "torch on CUDA > onnxruntime on CPU (when an export folder exists) > torch on CPU",
+        "torch on CUDA > onnxruntime on CPU (an export folder, or the graph built from the checkpoint and cached: "
+        "--graph-cache) > torch on CPU",
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(
