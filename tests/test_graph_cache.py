@@ -225,6 +225,16 @@ def test_bf16_is_auto_only_on_amx_and_only_when_it_agrees(ckpt, cache, monkeypat
     b = create_backend(config(ckpt, cache, cpu_flags=NO_AMX), CPU_ORT)  # no AMX: fp32 whatever the figure
     assert b.info().precision == "fp32" and "no AMX" in b.selection["why"]
 
+    def broken(*a):
+        raise RuntimeError("no bf16 kernels")
+
+    monkeypatch.setattr(gc, "measure_bf16", broken)  # a failure to measure: fp32, and tried again next start
+    other = Path(shutil.copytree(cache, cache.parent / "other"))
+    for f in other.glob(f"*/{gc.CACHE_FILE}"):
+        f.write_text(json.dumps({**json.loads(f.read_text()), "agreement": {}}))
+    b = create_backend(config(ckpt, other, cpu_flags=AMX), CPU_ORT)
+    assert b.info().precision == "fp32" and "no bf16 kernels" in b.selection["why"]
+
     info = json.loads((entry / gc.CACHE_FILE).read_text())
     info["agreement"]["bf16"]["top1"] = 0.99  # below 99.5%
     (entry / gc.CACHE_FILE).write_text(json.dumps(info))

@@ -428,6 +428,29 @@ def _int8_gate(figure: dict[str, Any] | None) -> tuple[float, int]:
     return top1, n
 
 
+def _why_not_bf16(amx: bool, figure: dict[str, Any]) -> str:
+    if not amx:
+        return "this CPU has no AMX bf16 tiles"
+    if figure.get("top1") is None:
+        return figure.get("reason", "its agreement with fp32 is unknown")
+    return f"bf16 agrees with fp32 on only {_pct(figure['top1'])} (needs >= {_pct(BF16_MIN_AGREEMENT)})"
+
+
+def _measure_bf16_into(entry: CacheEntry, req: CacheRequest) -> None:
+    """bf16's agreement into the entry's cache.json; a failure to measure is recorded (fp32 then serves)."""
+    agreement = entry.info["agreement"]
+    try:
+        agreement["bf16"] = measure_bf16(req.checkpoint, req.calibration)
+    except Exception as e:  # noqa: BLE001 - bf16 is an optimisation: without a figure, fp32 serves
+        log.warning("graph cache: could not measure bf16's agreement with fp32: %s", e)
+        agreement["bf16"] = {"top1": None, "reason": f"measuring it failed ({type(e).__name__}: {e})"}
+        return  # not recorded: the next start tries again
+    try:
+        update_info(entry)
+    except OSError as e:
+        log.warning("graph cache: could not record bf16's agreement in %s: %s", entry.folder, e)
+
+
 def open_cached(cfg, checkpoint: Path):
     """The backend the graph cache gives for `cfg` (a registry `BackendConfig`, device cpu): the fused fp32
     graph under ONNX Runtime; the checkpoint in bf16 through torch on an AMX CPU where bf16 agrees with fp32;
@@ -456,9 +479,8 @@ def open_cached(cfg, checkpoint: Path):
     except Exception as e:  # noqa: BLE001 - an exporter, quantiser or file-system failure: torch serves instead
         raise GraphCacheError(f"building the ONNX Runtime graph failed: {type(e).__name__}: {e}") from e
     agreement = entry.info.setdefault("agreement", {})
-    if want_bf16 and "bf16" not in agreement:  # built on a CPU without AMX (bf16 was not worth measuring)
-        agreement["bf16"] = measure_bf16(req.checkpoint, req.calibration)
-        update_info(entry)
+    if want_bf16 and "bf16" not in agreement:  # first start on this CPU (without AMX it is not measured)
+        _measure_bf16_into(entry, req)
     reconstruct = TorchReconstructRunner(req.checkpoint)
     common = dict(device="cpu", threads=cfg.threads, max_batch_size=cfg.max_batch_size)
     bf16 = agreement.get("bf16") or {}
@@ -486,10 +508,6 @@ def open_cached(cfg, checkpoint: Path):
         )
         why += "than torch eager on the CPU"
         if cfg.precision == "auto":
-            why += (
-                f"; not bf16: bf16 agrees with fp32 on only {_pct(bf16.get('top1'))} (needs >= {_pct(BF16_MIN_AGREEMENT)})"
-                if want_bf16
-                else "; not bf16: this CPU has no AMX bf16 tiles"
-            )
+            why += "; not bf16: " + _why_not_bf16(want_bf16, bf16)
     backend.selection = {"why": why, "agreement": agreement, "graph_cache": entry.describe()}
     return backend
