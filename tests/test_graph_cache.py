@@ -111,6 +111,9 @@ def test_first_start_builds_concurrent_starts_build_once_and_later_starts_reuse(
     )
     assert sel["graph_cache"]["status"] == "reused" and sel["graph_cache"]["path"] == str(entries[0].folder)
     assert "no AMX" in sel["why"] and sel["cpu"]["features"] == ["avx2"]
+    b.warmup((1, 4))  # the reconstruction's torch model loads in the background
+    b.reconstructor.preload().join(60)
+    assert b.reconstructor._model is not None
     # it computes what torch computes, reconstruction (through torch) included
     ref = TorchBackend(ckpt, device="cpu")
     np.testing.assert_allclose(b.classify(x()).probs, ref.classify(x()).probs, atol=1e-5)

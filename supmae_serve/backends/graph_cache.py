@@ -399,6 +399,13 @@ class TorchReconstructRunner:
                 self._model, _ = load_checkpoint(self.checkpoint)
         return self._model
 
+    def preload(self) -> threading.Thread:
+        """Load the model on a background thread (what warm-up calls): the server is ready without waiting
+        for it (about 2 s for the bundled model), and a reconstruction that comes first waits for it."""
+        thread = threading.Thread(target=self._load, name="supmae-reconstruct-load", daemon=True)
+        thread.start()
+        return thread
+
     @torch.inference_mode()
     def run(self, outputs: Sequence[str], feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         r = self._load().reconstruct_with_keep(feeds["images"].float(), feeds["ids_keep"])
