@@ -3,7 +3,7 @@ later starts reuse, a changed checkpoint or damaged entry is rebuilt, a failed b
 the bf16 and INT8 gates, and what /v1/info says about the choice.
 
 Builds are real (the export pipeline on the micro model, a few seconds each): one module-scoped build is
-copied wherever a test only needs an entry to exist."""
+copied wherever a test only needs an entry to exist; the tests that build once more are marked slow."""
 
 from __future__ import annotations
 
@@ -140,6 +140,7 @@ def test_a_changed_checkpoint_or_software_is_a_new_key(ckpt, built, tmp_path, mo
     assert gc.cache_key(req)[0] != key
 
 
+@pytest.mark.slow  # builds once more (seconds)
 def test_a_changed_checkpoint_rebuilds(built, ckpt, tmp_path):
     other = checkpoint(tmp_path / "ck", seed=1)
     root = Path(shutil.copytree(built, tmp_path / "cache"))
@@ -149,6 +150,7 @@ def test_a_changed_checkpoint_rebuilds(built, ckpt, tmp_path):
     assert len([p for p in root.iterdir() if p.is_dir()]) == 2
 
 
+@pytest.mark.slow  # builds once more (seconds)
 def test_a_damaged_entry_is_rebuilt(ckpt, cache, tmp_path):
     entry = next(p for p in cache.iterdir() if p.is_dir())
     key = json.loads((entry / gc.CACHE_FILE).read_text())["key"]
@@ -182,6 +184,7 @@ def test_a_failed_build_falls_back_to_torch(ckpt, tmp_path, monkeypatch, caplog)
     assert "exporter exploded" in caplog.text and not list((tmp_path / "graphs").glob(".build-*"))
 
 
+@pytest.mark.slow  # builds once more (seconds)
 def test_a_graph_that_does_not_match_torch_is_not_served(ckpt, tmp_path, monkeypatch):
     from export.verify import TOLERANCES, Tolerance
 
@@ -255,6 +258,7 @@ def test_int8_needs_calibration_images(ckpt, tmp_path):
         create_backend(config(ckpt, None, precision="int8"), CPU_ORT)
 
 
+@pytest.mark.slow  # builds once more (seconds)
 def test_int8_is_served_only_above_its_agreement_gate(ckpt, calib, tmp_path, monkeypatch):
     cfg = config(ckpt, tmp_path / "graphs", precision="int8", calib_data=calib)
     monkeypatch.setattr(gc, "INT8_MIN_AGREEMENT", 0.0)
