@@ -76,7 +76,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     SUPMAE_PORT=8000
 USER 10001:10001
 WORKDIR /home/supmae
-# fail the build, not the deployment, when the baked model does not load
+# fail the build, not the deployment, when the baked model does not load; on the way it builds the model's
+# ONNX Runtime graph into the graph cache ($XDG_CACHE_HOME/supmae/graphs), so containers start without building
 RUN supmae-serve --check --device cpu --no-warmup --no-demo > /dev/null
 EXPOSE 8000
 # ready = model loaded, warmed up, batching worker alive (urlopen raises on 503 or no answer: exit 1)

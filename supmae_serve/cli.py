@@ -3,7 +3,8 @@
     supmae-serve                                   # the bundled CIFAR-10 model, http://127.0.0.1:8000
     supmae-serve --model ckpt/ --device cuda --max-batch-size 64 --host 0.0.0.0
     supmae-serve --model export/ --backend onnxruntime --no-demo
-    supmae-serve --check                           # load, warm up, print {ready, backend, model, index} as JSON, exit
+    supmae-serve --check                           # load, warm up, print {ready, backend, selection, model, index}
+    supmae-serve --no-graph-cache                  # torch on the CPU: build no ONNX Runtime graph
 
 Every flag mirrors a field of `supmae_serve.settings.Settings` (environment `SUPMAE_<NAME>`); flags win over
 the environment. Prefer SUPMAE_API_KEYS to --api-keys: flags are visible in the process list.
@@ -70,10 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
                 help=help_text,
             )
     p.add_argument(
+        "--no-graph-cache",
+        dest="graph_cache",
+        action="store_const",
+        const="off",
+        default=argparse.SUPPRESS,
+        help="build no ONNX Runtime graph from the checkpoint: `auto` serves it through torch on the CPU "
+        "(same as --graph-cache off; env SUPMAE_GRAPH_CACHE=off)",
+    )
+    p.add_argument(
         "--check",
         action="store_true",
-        help="load the model (and the index), warm it up, print {ready, backend, model, index} as JSON and exit "
-        "(0: servable)",
+        help="load the model (and the index), warm it up, print {ready, backend, selection, model, index} as JSON "
+        "(selection: what `auto` picked and why) and exit (0: servable)",
     )
     return p
 
@@ -94,6 +104,7 @@ async def _check(settings: Settings) -> dict:
         return {
             "ready": service.readiness(),
             "backend": asdict(service.backend_info),
+            "selection": service.selection,
             "model": service.card.variant,
             "index": app.state.search.describe(),
         }

@@ -8,6 +8,7 @@ Lists (`api_keys`, `cors_origins`) are comma-separated in the environment and on
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -21,6 +22,15 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "cifar10_vit_tiny"
 # such an image peaks at about 5 bytes per pixel at most (81 MiB), see docs/deployment.md "Security"
 DEFAULT_MAX_PIXELS = 4096 * 4096
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "fake")
+GRAPH_CACHE_OFF = ("off", "false", "no", "none", "0")
+
+
+def default_graph_cache() -> Path:
+    """$XDG_CACHE_HOME/supmae/graphs, else ~/.cache/supmae/graphs (the per-user cache of built graphs)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "supmae" / "graphs"
+
+
 CommaList = Annotated[list[str], NoDecode]
 
 
@@ -45,11 +55,26 @@ class Settings(BaseSettings):
     backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "fake"] = Field(
         "auto",
         description="auto picks the fastest available: tensorrt engine > onnxruntime on CUDA/TensorRT > "
-        "torch on CUDA > onnxruntime on CPU (when an export folder exists) > torch on CPU",
+        "torch on CUDA > onnxruntime on CPU (an export folder, or the graph built from the checkpoint and cached: "
+        "--graph-cache) > torch on CPU",
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(
-        "auto", description="auto: fp32 on the CPU, fp16 on a GPU; int8 needs an int8 ONNX export"
+        "auto",
+        description="auto: fp16 on a GPU; on the CPU bf16 where the CPU has AMX and bf16 agrees with fp32 "
+        "(top-1, >= 99.5%), else fp32; int8: an int8 ONNX export, or the static INT8 graph built from the "
+        "checkpoint when its top-1 agreement with fp32 is >= 99% (refused otherwise)",
+    )
+    graph_cache: str | None = Field(
+        None,
+        description="where the ONNX Runtime graphs built from a checkpoint are cached (CPU, backend auto, no "
+        "export folder); unset: $XDG_CACHE_HOME/supmae/graphs or ~/.cache/supmae/graphs; 'off' (or "
+        "--no-graph-cache): build nothing, serve the checkpoint through torch",
+    )
+    calib_data: Path | None = Field(
+        None,
+        description="image folder (flat or <class>/<image>) to verify and calibrate the graphs built from the "
+        "checkpoint (needed by --precision int8 unless the checkpoint folder ships a calib/ folder)",
     )
     compile: bool = Field(False, description="torch backend: torch.compile the model (slower start)")
     threads: int = Field(0, ge=0, description="intra-op threads for torch / onnxruntime (0: library default)")
@@ -180,6 +205,15 @@ class Settings(BaseSettings):
                 )
         return keys
 
+    @field_validator("graph_cache", mode="before")
+    @classmethod
+    def _graph_cache_off(cls, v):
+        if v is False or (isinstance(v, str) and v.strip().lower() in GRAPH_CACHE_OFF):
+            return "off"
+        if v is None or v is True or (isinstance(v, str) and not v.strip()):
+            return None
+        return str(v)
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, v: str) -> str:
@@ -247,6 +281,14 @@ class Settings(BaseSettings):
             workers=self.inference_workers,
         )
 
+    def graph_cache_dir(self) -> Path | None:
+        """The graph cache folder, or None when it is off."""
+        if self.graph_cache == "off":
+            return None
+        if self.graph_cache:
+            return Path(self.graph_cache).expanduser()
+        return default_graph_cache()
+
     def backend_config(self):
         from supmae_serve.backends.registry import BackendConfig
 
@@ -259,6 +301,8 @@ class Settings(BaseSettings):
             compile=self.compile,
             threads=self.threads,
             max_batch_size=self.max_batch_size if self.batching else 1,
+            graph_cache=self.graph_cache_dir(),
+            calib_data=self.calib_data,
         )
 
     def to_env(self) -> dict[str, str]:

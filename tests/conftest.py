@@ -49,3 +49,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def graph_cache_dir(tmp_path_factory):
+    """One graph cache for the whole run (never the user's ~/.cache): servers started with the default
+    settings, in this process or as subprocesses, build a checkpoint's graph once and reuse it after."""
+    import os
+
+    path = tmp_path_factory.mktemp("graph_cache")
+    old = os.environ.get("SUPMAE_GRAPH_CACHE")
+    os.environ["SUPMAE_GRAPH_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SUPMAE_GRAPH_CACHE", None)
+    else:
+        os.environ["SUPMAE_GRAPH_CACHE"] = old

@@ -45,7 +45,8 @@ def tiny_checkpoint(path: Path, framework: str = "supmae") -> Path:
 
 
 def settings(model: Path | str = "unused", **kw) -> Settings:
-    base = dict(model=model, demo=False, warmup=False, max_wait_ms=2.0, **LIMITS)
+    # torch on the CPU, as these tests were written for (the default graph cache: tests/test_graph_cache.py)
+    base = dict(model=model, demo=False, warmup=False, max_wait_ms=2.0, graph_cache="off", **LIMITS)
     return Settings(**{**base, **kw})
 
 

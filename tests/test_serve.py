@@ -336,6 +336,6 @@ def test_keys_no_header_can_carry_are_refused_at_start(keys, capsys):
 
 def test_check_loads_and_reports(tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path / "ck")
-    assert main(["--model", str(ckpt), "--check", "--max-batch-size", "2"]) == 0
+    assert main(["--model", str(ckpt), "--check", "--max-batch-size", "2", "--no-graph-cache"]) == 0
     out = capsys.readouterr().out
     assert '"ready": true' in out and '"name": "torch"' in out

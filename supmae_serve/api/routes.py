@@ -383,6 +383,7 @@ async def info(request: Request, service: Service) -> dict:
         "backend": backend,
         "device": backend["device"] if backend else None,
         "precision": backend["precision"] if backend else None,
+        "selection": service.selection,  # backend, precision, why, CPU features, agreement, graph cache
         "capabilities": service.capabilities,
         "limits": {
             "max_request_bytes": s.max_request_bytes,

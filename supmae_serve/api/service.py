@@ -120,6 +120,7 @@ class InferenceService:
         self.warmed = False
         self.load_error: str | None = None
         self.backend_info: BackendInfo | None = None
+        self.selection: dict | None = None  # what `auto` picked and why (backends/registry.py)
         self.gpu_decode_device: torch.device | None = None
         self.started_at = time.time()
 
@@ -134,6 +135,7 @@ class InferenceService:
             self.labels = class_labels(self.card)
         self.loaded = True
         self.backend_info = self.backend.info()
+        self.selection = getattr(self.backend, "selection", None)
         log.info(
             "backend %s on %s (%s) loaded in %.2f s",
             self.backend_info.name,

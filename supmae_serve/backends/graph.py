@@ -210,7 +210,11 @@ class GraphBackend:
         for n in sorted(set(batch_sizes)):
             self.embed(torch.zeros(n, 3, s, s), "avg")
         if self.capabilities["reconstruct"]:
-            self.reconstruct(torch.zeros(1, 3, s, s), self.card.config.mask_ratio, [0])
+            preload = getattr(self.reconstructor, "preload", None)
+            if callable(preload):  # a runner that loads in the background (the graph cache's torch one)
+                preload()
+            else:
+                self.reconstruct(torch.zeros(1, 3, s, s), self.card.config.mask_ratio, [0])
 
     def embed(self, images: torch.Tensor, pooling: str = "avg") -> EmbedOutput:
         source = pooling_source(self.card, pooling)

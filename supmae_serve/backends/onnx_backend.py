@@ -17,7 +17,7 @@ import torch
 from supmae_serve.common.optional import install_hint
 
 from .base import BackendError
-from .graph import GraphBackend, load_export, precision_preference, select_artefact
+from .graph import GraphBackend, GraphRunner, load_export, precision_preference, select_artefact
 
 TRT_EP = "TensorrtExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
@@ -125,7 +125,10 @@ class OnnxBackend(GraphBackend):
         precision: str = "auto",
         threads: int = 0,
         max_batch_size: int = 32,
+        reconstruct_runner: GraphRunner | None = None,
     ):
+        """`reconstruct_runner` serves reconstruction when the folder has no reconstruction graph (the graph
+        cache passes the checkpoint's torch model: graph_cache.TorchReconstructRunner)."""
         folder = Path(export_dir)
         card, artefacts = load_export(folder)
         available = available_providers()
@@ -159,6 +162,8 @@ class OnnxBackend(GraphBackend):
             # the reconstruction graph's K varies with mask_ratio: no TensorRT EP (it would rebuild per shape)
             rec_providers, _ = choose_providers(available, device, use_tensorrt=False)
             reconstructor = OrtRunner(folder / rec.file, rec_providers, threads)
+        elif reconstruct_runner is not None and card.capabilities["reconstruct"]:
+            reconstructor = reconstruct_runner
         super().__init__(
             card,
             encoder,
@@ -168,7 +173,11 @@ class OnnxBackend(GraphBackend):
             extra={
                 "export_dir": str(folder),
                 "encoder": enc.file,
-                "reconstruct": rec.file if reconstructor else None,
+                "reconstruct": None
+                if reconstructor is None
+                else rec.file
+                if rec is not None
+                else f"{type(reconstructor).__name__} (torch)",
                 "providers": encoder.providers,
             },
         )

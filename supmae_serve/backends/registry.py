@@ -6,11 +6,17 @@
 2. onnxruntime  - an ONNX encoder in the export folder and onnxruntime with the TensorRT or CUDA provider;
 3. torch        - a checkpoint (model.safetensors) and a CUDA GPU;
 4. onnxruntime  - an ONNX encoder in the export folder, on the CPU;
-5. torch        - a checkpoint, on the CPU.
+5. graph-cache  - a checkpoint and no export folder, on the CPU: ONNX Runtime's fused fp32 graph built from
+                  the checkpoint on first start and cached (graph_cache.py), or bf16 through torch on a CPU
+                  with AMX bf16 where bf16 agrees with fp32 (top-1 >= 99.5% on calibration images);
+6. torch        - a checkpoint, on the CPU (also where the graph cache is off or its build failed).
 
-`--device cpu` skips 1-3; `--precision int8` allows only onnxruntime (an int8 export). The export folder is
+`--device cpu` skips 1-3; `--precision int8` allows only onnxruntime: an int8 export, or the static INT8 graph
+the graph cache builds (served only when its top-1 agreement with fp32 is >= 99%). The export folder is
 `--export-dir`, or `--model` itself when it holds a manifest.json. A candidate that fails to load (an engine
-built for another GPU or TensorRT version, a provider that cannot start) is logged and the next one is tried.
+built for another GPU or TensorRT version, a provider that cannot start, a graph that failed its parity check)
+is logged and the next one is tried. The backend created carries `selection`: what was picked and why, the CPU
+and its features, the agreement figures and the graph cache's state (/v1/info shows it).
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ class BackendConfig:
     compile: bool = False
     threads: int = 0
     max_batch_size: int = 32  # largest batch the batcher sends (TensorRT EP optimisation profile)
+    graph_cache: Path | None = None  # where graphs built from a checkpoint are cached; None: build none
+    calib_data: Path | None = None  # images to verify/calibrate them (else the checkpoint's calib/ folder)
+    cpu_flags: frozenset[str] | None = None  # this CPU's flags (None: read from the machine)
 
 
 class ModelNotFoundError(BackendError):
@@ -100,8 +109,13 @@ class RuntimeProbe:
     cuda: bool | None = None
     ort_providers: list[str] | None = None
     tensorrt: bool | None = None
+    cpu_flags: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
+        if self.cpu_flags is None:
+            from supmae_serve.common.system import cpu_flags
+
+            self.cpu_flags = cpu_flags()
         if self.cuda is None:
             self.cuda = torch.cuda.is_available()
         if self.tensorrt is None:
@@ -124,10 +138,24 @@ def backend_candidates(cfg: BackendConfig, probe: RuntimeProbe | None = None) ->
     ckpt = checkpoint_of(cfg)
     gpu_ok = cfg.device != "cpu"
     ort_gpu = any(p in probe.ort_providers for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider"))
+    # the graph cache: a checkpoint without an export folder, on the CPU, in a precision it serves
+    cache_ok = (
+        export is None
+        and ckpt is not None
+        and cfg.graph_cache is not None
+        and bool(probe.ort_providers)
+        and cfg.device in ("auto", "cpu")
+        and not cfg.compile
+    )
     if cfg.precision == "int8":
         if has_onnx:
             return [("onnxruntime", cfg.device, "int8 runs only as an int8 ONNX export")]
-        raise BackendError("--precision int8 needs an export folder with an int8 ONNX encoder")
+        if cache_ok:
+            return [("graph-cache", "cpu", "int8: the static INT8 graph built from the checkpoint")]
+        raise BackendError(
+            "--precision int8 needs an export folder with an int8 ONNX encoder, or a checkpoint with the graph "
+            "cache on (not --no-graph-cache) and onnxruntime installed, on the CPU"
+        )
     out = []
     if gpu_ok and has_engine and probe.tensorrt and probe.cuda:
         out.append(("tensorrt", cfg.device, "TensorRT engine and a CUDA GPU"))
@@ -137,6 +165,8 @@ def backend_candidates(cfg: BackendConfig, probe: RuntimeProbe | None = None) ->
         out.append(("torch", cfg.device, "checkpoint and a CUDA GPU"))
     if has_onnx and probe.ort_providers:
         out.append(("onnxruntime", "cpu", "ONNX export on the CPU"))
+    if cache_ok and cfg.precision in ("auto", "fp32"):
+        out.append(("graph-cache", "cpu", "checkpoint on the CPU, through its cached ONNX Runtime graph"))
     if ckpt is not None:
         out.append(("torch", "cpu", "checkpoint on the CPU"))
     if not out:
@@ -167,10 +197,21 @@ def _torch(cfg: BackendConfig) -> Backend:
     return TorchBackend(ckpt, device=cfg.device, precision=cfg.precision, compile=cfg.compile)
 
 
+def _graph_cache(cfg: BackendConfig) -> Backend:
+    from .graph_cache import GraphCacheError, open_cached
+
+    ckpt = checkpoint_of(cfg)
+    if ckpt is None or cfg.graph_cache is None:
+        raise GraphCacheError(f"{cfg.model}: the graph cache needs a checkpoint and a cache folder")
+    return open_cached(cfg, ckpt)
+
+
 def _onnx(cfg: BackendConfig) -> Backend:
     from .onnx_backend import OnnxBackend
 
     export = export_dir_of(cfg)
+    if export is None and checkpoint_of(cfg) is not None and cfg.graph_cache is not None:
+        return _graph_cache(cfg)  # --backend onnxruntime on a checkpoint: its cached graph
     if export is None:
         raise BackendError(
             f"{cfg.model}: the onnxruntime backend needs a supmae-export folder (--export-dir, or --model pointing at one)"
@@ -204,6 +245,7 @@ REGISTRY: dict[str, Callable[[BackendConfig], Backend]] = {
     "onnxruntime": _onnx,
     "tensorrt": _tensorrt,
     "fake": _fake,
+    "graph-cache": _graph_cache,
 }
 
 
@@ -215,6 +257,10 @@ def create_backend(cfg: BackendConfig, probe: RuntimeProbe | None = None) -> Bac
     """The backend `cfg` names; with `auto`, the first candidate that loads (a failure is logged, and the
     next one is tried: an engine built for another GPU falls back to onnxruntime, and so on)."""
     check_model_path(cfg.model)
+    if cfg.backend == "auto":
+        probe = probe or RuntimeProbe()
+        if cfg.cpu_flags is None:
+            cfg = replace(cfg, cpu_flags=probe.cpu_flags)
     failures = []
     for name, device, why in backend_candidates(cfg, probe):
         if name not in REGISTRY:
@@ -225,8 +271,57 @@ def create_backend(cfg: BackendConfig, probe: RuntimeProbe | None = None) -> Bac
             if cfg.backend != "auto":
                 raise
             log.warning("auto: %s on %s (%s) failed: %s; trying the next backend", name, device, why, e)
-            failures.append(f"{name} on {device}: {e}")
+            failures.append((name, device, str(e)))
             continue
-        log.info("backend %s on %s: %s", name, device, why)
+        _explain(backend, cfg, why, failures)
         return backend
-    raise BackendError("no backend could be created: " + "; ".join(failures))
+    raise BackendError(
+        "no backend could be created: " + "; ".join(f"{n} on {d}: {e}" for n, d, e in failures)
+    )
+
+
+def _explain(backend: Backend, cfg: BackendConfig, why: str, failures: list[tuple[str, str, str]]) -> None:
+    """Put `selection` on the backend (what was picked, why, on what CPU; /v1/info shows it) and log it."""
+    from supmae_serve.common.system import cpu_features, cpu_name
+
+    info = backend.info()
+    picked = dict(getattr(backend, "selection", None) or {})
+    reason = picked.pop("why", None) or (why if cfg.backend == "auto" else f"--backend {cfg.backend}")
+    if failures:
+        reason += " (" + "; ".join(f"{n} on {d} could not be used: {e}" for n, d, e in failures) + ")"
+    cache = picked.pop("graph_cache", None)
+    if cache is None:
+        failed = next((e for n, _, e in failures if n == "graph-cache"), None)
+        cache = (
+            {"path": str(cfg.graph_cache), "status": "failed", "reason": failed}
+            if failed
+            else {"path": None, "status": "off (--no-graph-cache)"}
+            if cfg.graph_cache is None
+            else {"path": str(cfg.graph_cache), "status": "not used"}
+        )
+    flags = cfg.cpu_flags
+    features = cpu_features(flags)
+    selection = {
+        "backend": info.name,
+        "device": info.device,
+        "precision": info.precision,
+        "why": reason,
+        "cpu": {"name": cpu_name(), "features": [f for f, on in features.items() if on]},
+        "agreement": picked.pop("agreement", None),
+        "graph_cache": cache,
+        **picked,
+    }
+    try:
+        backend.selection = selection
+    except AttributeError:  # a backend class with __slots__: nothing to report on
+        pass
+    log.info(
+        "serving through %s on %s (%s): %s; CPU %s (%s); graph cache: %s",
+        info.name,
+        info.device,
+        info.precision,
+        reason,
+        selection["cpu"]["name"],
+        ", ".join(selection["cpu"]["features"]) or "none of " + ", ".join(features),
+        ", ".join(f"{k} {v}" for k, v in cache.items() if v is not None),
+    )

@@ -42,6 +42,19 @@ def cpu_flags() -> frozenset[str]:
     return frozenset((info.get("flags") or info.get("Features") or "").split())
 
 
+# the features that decide how fast a CPU runs a ViT, in /proc/cpuinfo's spelling: 8-bit dot products
+# (avx512_vnni) speed up INT8; AMX tiles (amx_bf16, amx_int8) make bf16 and INT8 matrix products several
+# times faster than fp32
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "amx_bf16", "amx_int8")
+
+
+def cpu_features(flags: frozenset[str] | None = None) -> dict[str, bool]:
+    """{feature: present} for each of `CPU_FEATURES`, from `flags` (default: this machine's `cpu_flags()`,
+    read once per process); tests pass the flags of another machine."""
+    have = cpu_flags() if flags is None else frozenset(flags)
+    return {f: f in have for f in CPU_FEATURES}
+
+
 def resolve_device(device: str, error: type[Exception] = ValueError):
     """ "auto" -> cuda if available else cpu; an unknown name or a CUDA device that is not there raises
     `error` (each caller's own error type) with what is allowed."""

@@ -241,6 +241,12 @@ def _resolve(path: str | os.PathLike) -> tuple[Path, Path]:
     raise CheckpointError(f"{p}: expected a checkpoint folder, a .safetensors file or a model.json")
 
 
+def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights file, model card file) of a checkpoint folder, .safetensors file or model.json; raises
+    CheckpointError for a path that is no checkpoint (the files themselves may still be missing)."""
+    return _resolve(path)
+
+
 def load_model_card(path: str | os.PathLike) -> ModelCard:
     _, card_path = _resolve(path)
     if not card_path.exists():
