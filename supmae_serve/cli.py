@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
             if is_bool and field.default is None
             else field.default
         )
-        help_text = f"{field.description} (default: {default}; env SUPMAE_{name.upper()})"
+        help_text = f"{field.description} (default: {default}; env SUPMAE_{name.upper()})".replace("%", "%%")
         if is_bool:
             p.add_argument(
                 flag,
