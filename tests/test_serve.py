@@ -263,7 +263,7 @@ def test_help_texts_say_what_the_flags_do():
     helps = {a.dest: a.help for a in build_parser()._actions}
     assert "/docs" in helps["api_keys"] and "/healthz" in helps["api_keys"]
     assert "*.plan" in helps["model"] and ".engine" not in helps["model"]
-    assert "{ready, backend, model}" in helps["check"] and "/v1/info" not in helps["check"]
+    assert "{ready, backend, selection, model, index}" in helps["check"] and "/v1/info" not in helps["check"]
 
 
 def test_flags_env_and_defaults(monkeypatch):
