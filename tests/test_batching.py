@@ -246,26 +246,33 @@ def test_a_dead_worker_is_reported_and_fails_waiting_requests():
     assert all(isinstance(r, BatcherClosedError) for r in results)
 
 
+async def _close_while_five_are_held(rec: Recorder, config: BatchConfig, pause: float, while_draining=None):
+    """Submit five requests while the model is held, start close(drain=True), run `while_draining(batcher)`,
+    release the model -> the five results once close has returned."""
+    b = MicroBatcher(rec, config)
+    b.start()
+    pending = [asyncio.ensure_future(b.submit("k", [i])) for i in range(5)]
+    await asyncio.sleep(pause)
+    closing = asyncio.ensure_future(b.close(drain=True, timeout=10))
+    await asyncio.sleep(pause)
+    if while_draining is not None:
+        await while_draining(b)
+    rec.gate.set()
+    await closing
+    return await asyncio.gather(*pending)
+
+
 def test_close_drains_the_queue_then_refuses_new_work():
     rec = Recorder()
     rec.gate.clear()
 
-    async def main():
-        b = MicroBatcher(rec, BatchConfig(max_batch_size=2, max_wait_ms=1000, max_queue=10))
-        b.start()
-        pending = [asyncio.ensure_future(b.submit("k", [i])) for i in range(5)]
-        await asyncio.sleep(0.01)
-        closing = asyncio.ensure_future(b.close(drain=True, timeout=10))
-        await asyncio.sleep(0.01)
+    async def refused(b):
         assert not b.alive  # readiness goes false while draining
         with pytest.raises(BatcherClosedError, match="shutting down"):
             await b.submit("k", [9])
-        rec.gate.set()
-        results = await asyncio.gather(*pending)
-        await closing
-        return results
 
-    results = run(main())
+    config = BatchConfig(max_batch_size=2, max_wait_ms=1000, max_queue=10)
+    results = run(_close_while_five_are_held(rec, config, 0.01, refused))
     assert [r[0].value for r in results] == [0, 2, 4, 6, 8]  # everything queued before close finished
 
 
@@ -329,19 +336,8 @@ def test_one_worker_never_runs_two_batches_at_once():
 def test_close_drains_every_worker():
     rec = Recorder()
     rec.gate.clear()
-
-    async def main():
-        b = MicroBatcher(rec, BatchConfig(max_batch_size=1, max_wait_ms=0, workers=3))
-        b.start()
-        pending = [asyncio.ensure_future(b.submit("k", [i])) for i in range(5)]
-        await asyncio.sleep(0.05)
-        closing = asyncio.ensure_future(b.close(drain=True, timeout=10))
-        await asyncio.sleep(0.05)
-        rec.gate.set()
-        await closing
-        return await asyncio.gather(*pending)
-
-    assert [r[0].value for r in run(main())] == [0, 2, 4, 6, 8]
+    config = BatchConfig(max_batch_size=1, max_wait_ms=0, workers=3)
+    assert [r[0].value for r in run(_close_while_five_are_held(rec, config, 0.05))] == [0, 2, 4, 6, 8]
 
 
 def test_a_dead_worker_fails_every_batch_in_flight():
