@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,17 @@ def _gradio():
 def _user_error(message: str) -> Exception:
     """The error Gradio shows to the user as a readable message (not a stack trace)."""
     return _gradio().Error(message, title="Cannot use this input", print_exception=False)
+
+
+def whole_number(value: Any, low: int, high: int, name: str) -> int:
+    """A widget's value as an int in [low, high]; a message naming `name` and the range otherwise."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not np.isfinite(v) or v != int(v) or not low <= v <= high:
+        raise _user_error(f"{name} must be a whole number from {low} to {high}; got {value!r}")
+    return int(v)
 
 
 @dataclass(frozen=True)
@@ -152,13 +164,7 @@ class DemoService:
 
     @staticmethod
     def _seed(seed: Any) -> int:
-        try:
-            s = float(seed)
-        except (TypeError, ValueError):
-            s = float("nan")
-        if not np.isfinite(s) or s != int(s) or not 0 <= s <= MAX_SEED:
-            raise _user_error(f"seed must be a whole number from 0 to {MAX_SEED}; got {seed!r}")
-        return int(s)
+        return whole_number(seed, 0, MAX_SEED, "seed")
 
     # ------------------------------------------------------------------ the three views
     def classify(self, image) -> dict[str, float]:
@@ -263,9 +269,11 @@ def _guard_image_input(component) -> None:
     component.preprocess = preprocess
 
 
-def _image_input(label: str, elem_id: str):
-    """An upload slot whose file reaches our callbacks untouched (supmae_serve.preprocess decodes it)."""
-    component = _gradio().Image(
+def _image_input(label: str, elem_id: str, examples: Sequence[str] = (), examples_label: str = "Examples"):
+    """An upload slot whose file reaches our callbacks untouched (supmae_serve.preprocess decodes it); with
+    `examples`, the example images to pick from below it, all on one page."""
+    gr = _gradio()
+    component = gr.Image(
         type="filepath",
         image_mode=None,
         sources=["upload", "clipboard"],
@@ -275,6 +283,10 @@ def _image_input(label: str, elem_id: str):
         height=260,
     )
     _guard_image_input(component)
+    if examples:
+        gr.Examples(
+            [[f] for f in examples], inputs=[component], label=examples_label, examples_per_page=len(examples)
+        )
     return component
 
 
@@ -300,14 +312,9 @@ def _explore_tab(gr, service: DemoService, examples: list[str]) -> None:
     with gr.Tab("Explore", id="explore"):
         with gr.Row():
             with gr.Column(scale=1):
-                image = _image_input("Image", "explore-image")
-                if examples:
-                    gr.Examples(
-                        [[f] for f in examples],
-                        inputs=[image],
-                        label="Examples (CIFAR-10 training images)",
-                        examples_per_page=len(examples),
-                    )
+                image = _image_input(
+                    "Image", "explore-image", examples, "Examples (CIFAR-10 training images)"
+                )
             with gr.Column(scale=1):
                 classes = gr.Label(
                     num_top_classes=service.config.top_k,

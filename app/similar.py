@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from supmae_serve.features.gallery import SourceFiles, SourceRefused
@@ -61,15 +60,9 @@ class SimilarService:
         return to_pil(batch([img], prep), prep, upscale=max(1, THUMB_SIDE // prep.image_size))[0]
 
     def _k(self, top_k: Any) -> int:
-        try:
-            k = float(top_k)
-        except (TypeError, ValueError):
-            k = float("nan")
-        if not np.isfinite(k) or k != int(k) or not 1 <= k <= MAX_NEIGHBOURS:
-            from .demo import _user_error
+        from .demo import whole_number
 
-            raise _user_error(f"neighbours must be a whole number from 1 to {MAX_NEIGHBOURS}; got {top_k!r}")
-        return int(k)
+        return whole_number(top_k, 1, MAX_NEIGHBOURS, "neighbours")
 
     def search(self, image, top_k: Any = 8) -> tuple[list[tuple[Image.Image, str]], str]:
         """(gallery of (thumbnail, caption), a Markdown table of rank, label, score and id)."""
@@ -101,14 +94,7 @@ def similar_tab(gr, similar: SimilarService, examples: list[str], image_input) -
         gr.Markdown(similar.describe())
         with gr.Row():
             with gr.Column(scale=1):
-                query = image_input("Query image", "similar-image")
-                if examples:
-                    gr.Examples(
-                        [[f] for f in examples],
-                        inputs=[query],
-                        label="Examples",
-                        examples_per_page=len(examples),
-                    )
+                query = image_input("Query image", "similar-image", examples)
                 k = gr.Slider(1, MAX_NEIGHBOURS, value=8, step=1, label="Neighbours", elem_id="similar-k")
             with gr.Column(scale=2):
                 gallery = gr.Gallery(

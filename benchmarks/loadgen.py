@@ -165,24 +165,23 @@ class LoadResult:
     window_s: float = 0.0
 
 
-async def _closed_loop(
+def closed_loop(
     base: str,
     path: str,
     bodies: Sequence[bytes],
     content_type: str,
     clients: int,
     seconds: float,
-    warmup_s: float,
-    max_requests: int,
+    warmup_s: float = 0.0,
+    max_requests: int = 10**9,
 ) -> LoadResult:
+    """`clients` closed-loop clients POST `bodies` (in turn) to `base + path` for `warmup_s` unmeasured seconds,
+    then `seconds` measured ones; only requests that start and end inside the measured window count."""
     host, port = host_port(base)
     result = LoadResult([])
-    start = time.perf_counter()
-    measure_from = start + warmup_s
-    stop_at = measure_from + seconds
     count = 0
 
-    async def client(index: int) -> None:
+    async def client(index: int, measure_from: float, stop_at: float) -> None:
         nonlocal count
         conn = Connection(host, port)
         turn = index  # each client starts at its own body and walks the list
@@ -204,26 +203,14 @@ async def _closed_loop(
                     result.errors.append(why)
         await conn.close()
 
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    result.window_s = min(time.perf_counter(), stop_at) - measure_from
+    async def run() -> None:  # the clock starts inside the event loop, as the clients do
+        measure_from = time.perf_counter() + warmup_s
+        stop_at = measure_from + seconds
+        await asyncio.gather(*(client(i, measure_from, stop_at) for i in range(clients)))
+        result.window_s = min(time.perf_counter(), stop_at) - measure_from
+
+    asyncio.run(run())
     return result
-
-
-def closed_loop(
-    base: str,
-    path: str,
-    bodies: Sequence[bytes],
-    content_type: str,
-    clients: int,
-    seconds: float,
-    warmup_s: float = 0.0,
-    max_requests: int = 10**9,
-) -> LoadResult:
-    """`clients` closed-loop clients POST `bodies` (in turn) to `base + path` for `warmup_s` unmeasured seconds,
-    then `seconds` measured ones; only requests that start and end inside the measured window count."""
-    return asyncio.run(
-        _closed_loop(base, path, bodies, content_type, clients, seconds, warmup_s, max_requests)
-    )
 
 
 async def _post_each(

@@ -52,26 +52,32 @@ class Run:
         return self.pretrain_s + self.finetune_s
 
 
+# --toy: a few hundred synthetic images in place of the data set, for the CPU smoke run
+TOY_DATA = dict(
+    data="synthetic",
+    dataset="synthetic",
+    holdout=64,
+    synthetic_images=512,
+    batch_size=64,
+    recon_images=0,
+    eval_batch_size=256,
+)
+LOGGING = dict(progress="log", tensorboard=False, log_every=50)
+
+
+def _data(args) -> dict:
+    """The data fields both stages take from the command line."""
+    return dict(TOY_DATA) if args.toy else dict(data=args.data, batch_size=args.batch_size)
+
+
 def pretrain_config(args, framework: str, epochs: int) -> TrainConfig:
     cfg = get_recipe("cifar10_vit_tiny")
     over = dict(framework=framework, epochs=epochs, warmup_epochs=min(5.0, max(1.0, epochs / 10)))
     if framework == "mae":
         over["cls_loss_ratio"] = 0.0
     if args.toy:
-        over.update(
-            variant="micro_patch4_32",
-            data="synthetic",
-            dataset="synthetic",
-            holdout=64,
-            synthetic_images=512,
-            batch_size=64,
-            recon_images=0,
-            eval_batch_size=256,
-        )
-    else:
-        over.update(data=args.data, batch_size=args.batch_size)
-    over.update(progress="log", tensorboard=False, log_every=50)
-    return dataclasses.replace(cfg, **over)
+        over["variant"] = "micro_patch4_32"
+    return dataclasses.replace(cfg, **over, **_data(args), **LOGGING)
 
 
 def finetune_config(args, checkpoint: Path, epochs: int) -> TrainConfig:
@@ -85,23 +91,8 @@ def finetune_config(args, checkpoint: Path, epochs: int) -> TrainConfig:
         randaug="",
         reprob=0.0,
         in_memory="true",
-        progress="log",
-        tensorboard=False,
-        log_every=50,
     )
-    if args.toy:
-        over.update(
-            data="synthetic",
-            dataset="synthetic",
-            holdout=64,
-            synthetic_images=512,
-            batch_size=64,
-            recon_images=0,
-            eval_batch_size=256,
-        )
-    else:
-        over.update(data=args.data, batch_size=args.batch_size)
-    return dataclasses.replace(cfg, **over)
+    return dataclasses.replace(cfg, **over, **_data(args), **LOGGING)
 
 
 def _top1(metrics: dict) -> float | None:

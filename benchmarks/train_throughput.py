@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # model_flops beside t
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # training.step, when run from anywhere
 from model_flops import step_flops  # noqa: E402
 
+from supmae_serve.common.args import config_from_args
 from supmae_serve.common.system import cpu_name
 from supmae_serve.model import ModelConfig, SupMAE, model_config  # noqa: E402
 from training.step import StepParts, train_step  # noqa: E402
@@ -772,17 +773,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
         "--summarize", nargs="+", metavar="JSON", help="print the merged tables of earlier --json reports"
     )
     args = ap.parse_args(argv)
-    cfg = BenchConfig(
-        variant=args.variant,
-        batch=args.batch,
-        steps=args.steps,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        device=args.device,
-        dtype=args.dtype,
-        num_classes=args.num_classes,
-        compile_backend=args.compile_backend,
-    )
+    cfg = config_from_args(BenchConfig, args)
     device = cfg.resolved_device()
     if args.sweep:
         rows = sweep_rows(device, args.sweep)

@@ -45,6 +45,17 @@ async def _started(rec: Recorder, batcher: MicroBatcher):
         await asyncio.sleep(0.005)
 
 
+async def _busy(rec: Recorder, config: BatchConfig, **submit) -> tuple[MicroBatcher, asyncio.Future]:
+    """A started batcher whose worker is held inside the model call for a first request [0]
+    -> (the batcher, that request)."""
+    rec.gate.clear()
+    b = MicroBatcher(rec, config)
+    b.start()
+    first = asyncio.ensure_future(b.submit("k", [0], **submit))  # taken by the worker, which then blocks
+    await _started(rec, b)
+    return b, first
+
+
 def test_concurrent_requests_share_a_batch_in_order():
     rec = Recorder()
 
@@ -144,13 +155,9 @@ def test_the_batch_waits_for_images_on_their_way_then_runs_when_none_are_left():
 
 def test_queue_full_refuses_the_whole_request_and_queues_nothing():
     rec = Recorder()
-    rec.gate.clear()
 
     async def main():
-        b = MicroBatcher(rec, BatchConfig(max_batch_size=1, max_wait_ms=0, max_queue=3))
-        b.start()
-        first = asyncio.ensure_future(b.submit("k", [0]))  # taken by the worker, which then blocks
-        await _started(rec, b)
+        b, first = await _busy(rec, BatchConfig(max_batch_size=1, max_wait_ms=0, max_queue=3))
         queued = asyncio.ensure_future(b.submit("k", [1, 2]))
         await asyncio.sleep(0.01)
         assert b.depth == 2
@@ -171,13 +178,9 @@ def test_queue_full_refuses_the_whole_request_and_queues_nothing():
 
 def test_timeout_frees_the_queue_and_the_worker_skips_dropped_items():
     rec = Recorder()
-    rec.gate.clear()
 
     async def main():
-        b = MicroBatcher(rec, BatchConfig(max_batch_size=4, max_wait_ms=0, max_queue=10))
-        b.start()
-        first = asyncio.ensure_future(b.submit("k", [0], timeout_s=5))
-        await _started(rec, b)
+        b, first = await _busy(rec, BatchConfig(max_batch_size=4, max_wait_ms=0, max_queue=10), timeout_s=5)
         with pytest.raises(RequestTimeout, match="0.05 s"):
             await b.submit("k", [1, 2], timeout_s=0.05)
         assert b.depth == 0  # the timed-out items left the queue
@@ -222,14 +225,10 @@ def test_wrong_result_count_is_an_error_not_a_hang():
 
 def test_a_dead_worker_is_reported_and_fails_waiting_requests():
     rec = Recorder()
-    rec.gate.clear()
 
     async def main():
-        b = MicroBatcher(rec, BatchConfig(max_batch_size=1, max_wait_ms=0, max_queue=10))
-        b.start()
+        b, running = await _busy(rec, BatchConfig(max_batch_size=1, max_wait_ms=0, max_queue=10))
         assert b.alive
-        running = asyncio.ensure_future(b.submit("k", [0]))
-        await _started(rec, b)
         waiting = asyncio.ensure_future(b.submit("k", [1]))
         await asyncio.sleep(0.01)
         b._task.cancel()  # the worker dies (a bug, a cancelled task: any reason)
@@ -246,26 +245,33 @@ def test_a_dead_worker_is_reported_and_fails_waiting_requests():
     assert all(isinstance(r, BatcherClosedError) for r in results)
 
 
+async def _close_while_five_are_held(rec: Recorder, config: BatchConfig, pause: float, while_draining=None):
+    """Submit five requests while the model is held, start close(drain=True), run `while_draining(batcher)`,
+    release the model -> the five results once close has returned."""
+    b = MicroBatcher(rec, config)
+    b.start()
+    pending = [asyncio.ensure_future(b.submit("k", [i])) for i in range(5)]
+    await asyncio.sleep(pause)
+    closing = asyncio.ensure_future(b.close(drain=True, timeout=10))
+    await asyncio.sleep(pause)
+    if while_draining is not None:
+        await while_draining(b)
+    rec.gate.set()
+    await closing
+    return await asyncio.gather(*pending)
+
+
 def test_close_drains_the_queue_then_refuses_new_work():
     rec = Recorder()
     rec.gate.clear()
 
-    async def main():
-        b = MicroBatcher(rec, BatchConfig(max_batch_size=2, max_wait_ms=1000, max_queue=10))
-        b.start()
-        pending = [asyncio.ensure_future(b.submit("k", [i])) for i in range(5)]
-        await asyncio.sleep(0.01)
-        closing = asyncio.ensure_future(b.close(drain=True, timeout=10))
-        await asyncio.sleep(0.01)
+    async def refused(b):
         assert not b.alive  # readiness goes false while draining
         with pytest.raises(BatcherClosedError, match="shutting down"):
             await b.submit("k", [9])
-        rec.gate.set()
-        results = await asyncio.gather(*pending)
-        await closing
-        return results
 
-    results = run(main())
+    config = BatchConfig(max_batch_size=2, max_wait_ms=1000, max_queue=10)
+    results = run(_close_while_five_are_held(rec, config, 0.01, refused))
     assert [r[0].value for r in results] == [0, 2, 4, 6, 8]  # everything queued before close finished
 
 
@@ -329,19 +335,8 @@ def test_one_worker_never_runs_two_batches_at_once():
 def test_close_drains_every_worker():
     rec = Recorder()
     rec.gate.clear()
-
-    async def main():
-        b = MicroBatcher(rec, BatchConfig(max_batch_size=1, max_wait_ms=0, workers=3))
-        b.start()
-        pending = [asyncio.ensure_future(b.submit("k", [i])) for i in range(5)]
-        await asyncio.sleep(0.05)
-        closing = asyncio.ensure_future(b.close(drain=True, timeout=10))
-        await asyncio.sleep(0.05)
-        rec.gate.set()
-        await closing
-        return await asyncio.gather(*pending)
-
-    assert [r[0].value for r in run(main())] == [0, 2, 4, 6, 8]
+    config = BatchConfig(max_batch_size=1, max_wait_ms=0, workers=3)
+    assert [r[0].value for r in run(_close_while_five_are_held(rec, config, 0.05))] == [0, 2, 4, 6, 8]
 
 
 def test_a_dead_worker_fails_every_batch_in_flight():

@@ -32,12 +32,7 @@ model_flops = _load("model_flops")
 MICRO = "micro_patch4_32"
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread on a shared CPU
 
 
 def _cfg(rows, **kw) -> tt.BenchConfig:

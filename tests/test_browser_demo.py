@@ -4,6 +4,7 @@ downloads are never used. The screenshot lands in test-artifacts/demo.png."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -116,52 +117,60 @@ def _picture() -> Image.Image:
     return img
 
 
+@contextlib.contextmanager
+def _chromium_page(url: str, height: int, failure_png: str):
+    """A Chromium page 1280 px wide showing `url`; a failure inside the block saves a screenshot under
+    ARTIFACTS as `failure_png` before it propagates."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": height})
+        try:
+            page.goto(url, timeout=30_000)
+            yield page
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / failure_png), full_page=True)
+            raise
+        finally:
+            browser.close()
+
+
 @pytest.mark.timeout(120)
 def test_demo_in_chromium_classifies_and_reconstructs_an_upload(demo_url, tmp_path):
     upload = tmp_path / "upload.png"
     _picture().save(upload)
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1100})
-        try:
-            page.goto(demo_url, timeout=30_000)
-            page.locator("#explore-image input[type=file]").set_input_files(str(upload))
+    with _chromium_page(demo_url, 1100, "demo-failure.png") as page:
+        page.locator("#explore-image input[type=file]").set_input_files(str(upload))
 
-            # the top-5 classes appear as bars, named from the model card
-            classes = page.locator("#top-classes")
-            classes.get_by_text("%").first.wait_for(timeout=30_000)
-            text = classes.inner_text()
-            assert sum(name in text for name in CLASSES) >= 5, text
+        # the top-5 classes appear as bars, named from the model card
+        classes = page.locator("#top-classes")
+        classes.get_by_text("%").first.wait_for(timeout=30_000)
+        text = classes.inner_text()
+        assert sum(name in text for name in CLASSES) >= 5, text
 
-            # the four reconstruction views appear, upscaled 8x (32 px -> 256 px)
-            for key in ("original", "masked", "reconstruction", "pasted"):
-                img = page.locator(f"#view-{key} img")
-                img.wait_for(timeout=30_000)
-                page.wait_for_function("(el) => el.complete && el.naturalWidth > 0", arg=img.element_handle())
-                assert img.evaluate("el => [el.naturalWidth, el.naturalHeight]") == [256, 256]
-            page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
+        # the four reconstruction views appear, upscaled 8x (32 px -> 256 px)
+        for key in ("original", "masked", "reconstruction", "pasted"):
+            img = page.locator(f"#view-{key} img")
+            img.wait_for(timeout=30_000)
+            page.wait_for_function("(el) => el.complete && el.naturalWidth > 0", arg=img.element_handle())
+            assert img.evaluate("el => [el.naturalWidth, el.naturalHeight]") == [256, 256]
+        page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
 
-            # an example goes through the same event as an upload, past the demo's file guard (app/guard.py)
-            original = page.locator("#view-original img")
-            before = original.get_attribute("src")
-            page.locator(".gallery-item").first.click()
-            page.wait_for_function(
-                "([el, before]) => el.getAttribute('src') !== before && el.complete && el.naturalWidth > 0",
-                arg=[original.element_handle(), before],
-                timeout=30_000,
-            )
+        # an example goes through the same event as an upload, past the demo's file guard (app/guard.py)
+        original = page.locator("#view-original img")
+        before = original.get_attribute("src")
+        page.locator(".gallery-item").first.click()
+        page.wait_for_function(
+            "([el, before]) => el.getAttribute('src') !== before && el.complete && el.naturalWidth > 0",
+            arg=[original.element_handle(), before],
+            timeout=30_000,
+        )
 
-            # a file that is not an image is refused by the upload route, and the page says why
-            bad = tmp_path / "notes.png"
-            bad.write_text("hello, not an image")
-            page.locator("#explore-image input[type=file]").set_input_files(str(bad))
-            page.get_by_text("not a recognised image format").first.wait_for(timeout=30_000)
-        except Exception:
-            page.screenshot(path=str(ARTIFACTS / "demo-failure.png"), full_page=True)
-            raise
-        finally:
-            browser.close()
+        # a file that is not an image is refused by the upload route, and the page says why
+        bad = tmp_path / "notes.png"
+        bad.write_text("hello, not an image")
+        page.locator("#explore-image input[type=file]").set_input_files(str(bad))
+        page.get_by_text("not a recognised image format").first.wait_for(timeout=30_000)
     assert (ARTIFACTS / "demo.png").stat().st_size > 10_000
 
 
@@ -169,30 +178,20 @@ def test_demo_in_chromium_classifies_and_reconstructs_an_upload(demo_url, tmp_pa
 def test_similar_images_tab_shows_the_neighbours_of_an_example(gallery_demo_url):
     """The Similar images tab over the shipped gallery: pick an example, see its neighbours with labels and
     cosine scores as thumbnails read from the gallery's image folder."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        try:
-            page.goto(gallery_demo_url, timeout=30_000)
-            page.get_by_role("tab", name="Similar images").click()
-            page.get_by_text("Index of 1,000 images").wait_for(timeout=30_000)
-            upload = page.locator("#similar-image input[type=file]")
-            upload.set_input_files(str(ROOT / "app" / "examples" / "cat.png"))
-            thumbs = page.locator("#similar-gallery img")
-            page.wait_for_function(
-                "() => { const imgs = document.querySelectorAll('#similar-gallery img');"
-                " return imgs.length >= 8 && [...imgs].every(i => i.complete && i.naturalWidth > 0); }",
-                timeout=30_000,
-            )
-            assert thumbs.count() >= 8
-            table = page.locator("#similar-table")
-            text = table.inner_text()
-            assert "rank" in text and "cosine" in text and sum(c in text for c in CLASSES) >= 1, text
-            page.screenshot(path=str(ARTIFACTS / "demo-similar.png"), full_page=True)
-        except Exception:
-            page.screenshot(path=str(ARTIFACTS / "demo-similar-failure.png"), full_page=True)
-            raise
-        finally:
-            browser.close()
+    with _chromium_page(gallery_demo_url, 1000, "demo-similar-failure.png") as page:
+        page.get_by_role("tab", name="Similar images").click()
+        page.get_by_text("Index of 1,000 images").wait_for(timeout=30_000)
+        upload = page.locator("#similar-image input[type=file]")
+        upload.set_input_files(str(ROOT / "app" / "examples" / "cat.png"))
+        thumbs = page.locator("#similar-gallery img")
+        page.wait_for_function(
+            "() => { const imgs = document.querySelectorAll('#similar-gallery img');"
+            " return imgs.length >= 8 && [...imgs].every(i => i.complete && i.naturalWidth > 0); }",
+            timeout=30_000,
+        )
+        assert thumbs.count() >= 8
+        table = page.locator("#similar-table")
+        text = table.inner_text()
+        assert "rank" in text and "cosine" in text and sum(c in text for c in CLASSES) >= 1, text
+        page.screenshot(path=str(ARTIFACTS / "demo-similar.png"), full_page=True)
     assert (ARTIFACTS / "demo-similar.png").stat().st_size > 10_000

@@ -3,6 +3,8 @@ the bulk job)."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import io
 import tarfile
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from supmae_serve.common import files, shards
+from supmae_serve.common.args import config_from_args
 from training import data as D
 
 from .conftest import encode, synthetic_image
@@ -167,3 +170,18 @@ def test_software_versions_name_this_package_python_and_torch():
     assert v["supmae"] == __version__ and v["python"] == platform.python_version()
     assert v["torch"] == torch.__version__  # an imported module keeps its build tag
     assert "no_such_pkg_xyz" not in v and v["cpu"]
+
+
+def test_config_from_args_takes_flags_named_like_fields_and_explicit_values():
+    @dataclasses.dataclass
+    class Cfg:
+        batch_size: int = 8
+        device: str = "auto"
+        seed: int = 0  # no flag: keeps its default
+        command: str = ""
+
+    ns = argparse.Namespace(batch_size=32, device="cpu", command="run", unrelated=1)
+    assert config_from_args(Cfg, ns, command="supmae-embed run") == Cfg(32, "cpu", 0, "supmae-embed run")
+    assert config_from_args(Cfg, argparse.Namespace()) == Cfg()
+    with pytest.raises(TypeError, match="no field 'batch'"):
+        config_from_args(Cfg, ns, batch=1)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.builders import write_wds_shard
 from tests.conftest import synthetic_image
 from training import data as D
 from training.augment import apply_crops, crop_boxes, random_resized_crop, step_generator
@@ -125,13 +126,8 @@ def test_synthetic_is_deterministic_and_balanced():
 
 
 def test_webdataset_pipeline_decodes_shards(tmp_path):
-    wds = pytest.importorskip("webdataset")
-    from tests.conftest import encode
-
-    shard = tmp_path / "shard-000.tar"
-    with wds.TarWriter(str(shard)) as w:
-        for i in range(6):
-            w.write({"__key__": f"{i:04d}", "png": encode(synthetic_image(seed=i)), "cls": str(i % 3)})
+    pytest.importorskip("webdataset")
+    shard = write_wds_shard(tmp_path / "shard-000.tar", 6, classes=3)
     to_t = lambda im: torch.from_numpy(np.array(im)).permute(2, 0, 1)  # noqa: E731
     pipe = D.webdataset_pipeline(str(shard), to_t, batch_size=3, shuffle=0)
     batches = list(pipe)

@@ -25,13 +25,7 @@ COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (30, 30, 30), (200, 200,
 RUN = ev.RunConfig(device="cpu", batch_size=16, workers=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread on a shared CPU
 
 
 def write_colour_folder(root, per_class, classes=CLASSES, seed=0):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from supmae_serve.model import load_checkpoint, save_checkpoint
 from tests.conftest import TINY, tiny_model
@@ -16,12 +15,7 @@ from training.eval_cli import build_parser, main
 BASE = ["--workers", "0", "--device", "cpu", "--batch-size", "16", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread on a shared CPU
 
 
 @pytest.fixture(scope="module")

@@ -3,16 +3,15 @@ percentages on the same checkpoint and images (the top-k code is shared: trainin
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 
+from tests.builders import small
 from tests.test_eval import write_colour_folder
 from training import evaluate as ev
 from training.engine import FINAL, train
 from training.observe import read_metrics
-from training.recipes import get_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread on a shared CPU
 
@@ -20,20 +19,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread o
 @pytest.mark.parametrize("in_memory", ["true", "false"])  # decoded tensors, and a streamed ImageFolder
 def test_trainer_and_evaluator_agree_on_the_same_checkpoint_and_images(tmp_path, in_memory):
     data = write_colour_folder(tmp_path / "data", per_class=10)
-    cfg = dataclasses.replace(
-        get_recipe("debug"),
+    cfg = small(
         data=str(data),
         dataset="folder",
         in_memory=in_memory,
         holdout=18,
         holdout_seed=3,
         batch_size=14,
-        epochs=2,
         eval_batch_size=8,
         num_workers=0,
-        progress="none",
-        tensorboard=False,
-        recon_images=0,
         save_dtype="float32",
     )
     train(cfg, tmp_path / "run", command="test")

@@ -108,7 +108,7 @@ def test_simmim_trains_with_ema_and_continues_from_a_supmae_checkpoint(tmp_path)
     model) saves a SimMIM checkpoint, and a SupMAE checkpoint continues as SimMIM pretraining."""
     from training.engine import FINAL, train
 
-    from .test_train import small  # the debug recipe, smaller
+    from .builders import small  # the debug recipe, smaller
 
     base = small(epochs=1, max_steps=2)
     res = train(dataclasses.replace(base, framework="simmim", ema_decay=0.9), tmp_path / "simmim")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from supmae_serve.model import create_model, load_checkpoint
+from tests.builders import small, write_wds_shard
 from training import run_state
 from training.engine import FINAL, NonFiniteLossError, train
 from training.observe import read_metrics
@@ -19,21 +20,6 @@ from training.schedule import WarmupCosine, scaled_lr
 from training.stages import ProbeHead
 
 torch.set_num_threads(1)  # 2 shared cores: one thread avoids OpenMP stalls under load
-
-
-def small(**kw) -> TrainConfig:
-    """The debug recipe, smaller: 96 training images, 8 steps per epoch."""
-    base = dataclasses.replace(
-        get_recipe("debug"),
-        synthetic_images=128,
-        holdout=32,
-        batch_size=12,
-        epochs=2,
-        progress="none",
-        tensorboard=False,
-        recon_images=0,
-    )
-    return dataclasses.replace(base, **kw)
 
 
 def train_losses(out) -> list[float]:
@@ -449,13 +435,10 @@ def test_debug_recipe_on_gpu_bf16(tmp_path):
 
 
 def test_webdataset_shards_train_for_several_epochs(tmp_path):
-    wds = pytest.importorskip("webdataset")
-    from tests.conftest import encode, synthetic_image
+    pytest.importorskip("webdataset")
+    from tests.conftest import synthetic_image
 
-    shard = tmp_path / "shard-000.tar"
-    with wds.TarWriter(str(shard)) as w:
-        for i in range(40):
-            w.write({"__key__": f"{i:04d}", "png": encode(synthetic_image(seed=i)), "cls": str(i % 2)})
+    shard = write_wds_shard(tmp_path / "shard-000.tar", 40, classes=2)
     val = tmp_path / "val"
     for c in ("0", "1"):
         (val / c).mkdir(parents=True)

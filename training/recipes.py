@@ -500,6 +500,24 @@ def cifar10_finetune() -> TrainConfig:
     )
 
 
+def _linprobe_base() -> TrainConfig:
+    """What both linear-probe recipes share (main_linprobe.py's choices): the cls token into BN + a linear
+    head on the frozen encoder, LARS momentum 0.9, blr 0.1, no weight decay, 90 epochs (10 warm-up), 1024
+    images per step per process, the clamped RandomResizedCrop."""
+    return TrainConfig(
+        stage="linprobe",
+        pool="cls",
+        epochs=90,
+        warmup_epochs=10,
+        batch_size=1024,
+        blr=0.1,
+        optimizer="lars",
+        momentum=0.9,
+        weight_decay=0.0,
+        crop="clamp",
+    )
+
+
 @recipe
 def in1k_linprobe() -> TrainConfig:
     """Linear probe of a pretrained ViT-B/16 on ImageNet-1k, as SupMAE's FINETUNE.md runs
@@ -519,19 +537,10 @@ def in1k_linprobe() -> TrainConfig:
     Expected: MAE ViT-B/16 reaches 68.0% (its FINETUNE.md); SupMAE's supervised branch makes its probe
               higher (the paper reports few-shot probes, not this number).
     """
-    return TrainConfig(
-        stage="linprobe",
+    return dataclasses.replace(
+        _linprobe_base(),
         variant="base_patch16_224",
-        pool="cls",
-        epochs=90,
-        warmup_epochs=10,
-        batch_size=1024,
-        blr=0.1,
-        optimizer="lars",
-        momentum=0.9,
-        weight_decay=0.0,
         scale_min=0.08,
-        crop="clamp",
         interpolation="bicubic",
         sync_bn=False,
         in_memory="false",
@@ -552,21 +561,12 @@ def cifar10_linprobe() -> TrainConfig:
     Expected: not measured with this recipe here; docs/anchors.md reports 70.6% (26 pretraining epochs) and
               79.3% (100 epochs) linear-probe accuracy for this model with the official code.
     """
-    return TrainConfig(
-        stage="linprobe",
+    return dataclasses.replace(
+        _linprobe_base(),
         variant="tiny_patch4_32",
-        pool="cls",
         holdout=5000,
         holdout_seed=0,
-        epochs=90,
-        warmup_epochs=10,
-        batch_size=1024,
-        blr=0.1,
-        optimizer="lars",
-        momentum=0.9,
-        weight_decay=0.0,
         scale_min=0.35,
-        crop="clamp",
         interpolation="bilinear",
         in_memory="true",
     )

@@ -77,7 +77,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _too_many(n: int, limits: RequestLimits) -> ApiError:
+def too_many_images(n: int, limits: RequestLimits) -> ApiError:
+    """413 for a request of `n` images, over the per-request limit."""
     return ApiError(
         413, "too_many_images", f"request has {n} images; the limit is {limits.max_images} images per request"
     )
@@ -225,7 +226,7 @@ def images_from_json(doc: Any, limits: RequestLimits) -> ParsedRequest:
             422, "no_images", 'no images in the request: give "images": [<base64 or data URI>, ...]'
         )
     if len(values) > limits.max_images:
-        raise _too_many(len(values), limits)
+        raise too_many_images(len(values), limits)
     return ParsedRequest([_json_item(v, i, limits) for i, v in enumerate(values)], options=doc)
 
 
@@ -240,7 +241,7 @@ async def _parse_multipart(request: Request, limits: RequestLimits) -> ParsedReq
         form = await parser.parse()
     except MultiPartException as e:
         if "files" in str(e).lower():
-            raise _too_many(limits.max_images + 1, limits) from e
+            raise too_many_images(limits.max_images + 1, limits) from e
         raise ApiError(422, "invalid_multipart", f"malformed multipart body: {e}") from e
     items, options = [], {}
     try:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any
 
@@ -34,7 +35,7 @@ from supmae_serve.preprocess import ImageError, to_pil
 from supmae_serve.redact import redact_paths
 
 from .errors import ApiError
-from .inputs import parse_request
+from .inputs import parse_request, too_many_images
 from .schemas import (
     ClassifyOptions,
     ClassifyResponse,
@@ -141,11 +142,7 @@ async def _run(request: Request, route: Route) -> Response:
     if not parsed.items:
         raise ApiError(422, "no_images", "no images in the request")
     if len(parsed.items) > service.request_limits.max_images:
-        raise ApiError(
-            413,
-            "too_many_images",
-            f"request has {len(parsed.items)} images; the limit is {service.request_limits.max_images} images per request",
-        )
+        raise too_many_images(len(parsed.items), service.request_limits)
     try:
         service.require(route.task)
     except CapabilityError as e:
@@ -155,21 +152,14 @@ async def _run(request: Request, route: Route) -> Response:
     deadline = asyncio.get_running_loop().time() + timeout_s
     arrival = service.arrival(len(parsed.items))  # the batcher waits for these while they decode
     try:
-        service.check_capacity(len(parsed.items))  # before spending CPU on decoding
-        prepared = await asyncio.wait_for(service.prepare(parsed.items), timeout_s)
-        good = [(i, x) for i, x in enumerate(prepared) if isinstance(x, torch.Tensor)]
-        remaining = max(deadline - asyncio.get_running_loop().time(), 0.001)
-        payloads = [(x, seed) for _, x in good]
-        arrival.done()  # and queued in the same step: submit runs before the next await
-        results = await service.infer(key, payloads, remaining) if good else []
-    except QueueFullError as e:
-        raise ApiError(429, "queue_full", str(e), {"Retry-After": str(e.retry_after_s)}) from e
-    except BatcherClosedError as e:
-        raise ApiError(503, "unavailable", f"not accepting work: {e}", {"Retry-After": "5"}) from e
-    except (RequestTimeout, asyncio.TimeoutError) as e:
-        raise ApiError(504, "timeout", f"no result within the request timeout of {timeout_s:g} s") from e
-    except CapabilityError as e:
-        raise ApiError(422, "capability_unavailable", str(e)) from e
+        with service_errors(timeout_s):
+            service.check_capacity(len(parsed.items))  # before spending CPU on decoding
+            prepared = await asyncio.wait_for(service.prepare(parsed.items), timeout_s)
+            good = [(i, x) for i, x in enumerate(prepared) if isinstance(x, torch.Tensor)]
+            remaining = max(deadline - asyncio.get_running_loop().time(), 0.001)
+            payloads = [(x, seed) for _, x in good]
+            arrival.done()  # and queued in the same step: submit runs before the next await
+            results = await service.infer(key, payloads, remaining) if good else []
     finally:
         arrival.done()
 
@@ -193,6 +183,21 @@ async def _run(request: Request, route: Route) -> Response:
 
     content = await service.run_blocking(body)
     return Response(content, _status(items), headers=headers, media_type="application/json")
+
+
+@contextlib.contextmanager
+def service_errors(timeout_s: float) -> Iterator[None]:
+    """The batcher's and the backend's refusals, raised inside the block, as the API's errors."""
+    try:
+        yield
+    except QueueFullError as e:
+        raise ApiError(429, "queue_full", str(e), {"Retry-After": str(e.retry_after_s)}) from e
+    except BatcherClosedError as e:
+        raise ApiError(503, "unavailable", f"not accepting work: {e}", {"Retry-After": "5"}) from e
+    except (RequestTimeout, asyncio.TimeoutError) as e:
+        raise ApiError(504, "timeout", f"no result within the request timeout of {timeout_s:g} s") from e
+    except CapabilityError as e:
+        raise ApiError(422, "capability_unavailable", str(e)) from e
 
 
 def _timing_headers(request: Request, results: list) -> dict[str, str]:
@@ -346,31 +351,27 @@ async def reconstruct(request: Request) -> Response:
     return await _run(request, RECONSTRUCT)
 
 
-for _router in (v1, aliases):
-    _router.add_api_route(
-        "/embed",
-        embed,
-        methods=["POST"],
-        summary="Image embeddings",
-        responses={200: {"model": EmbedResponse}, **ERRORS},
-        openapi_extra=openapi_extra(EmbedOptions),
-    )
-    _router.add_api_route(
-        "/classify",
-        classify,
-        methods=["POST"],
-        summary="Top-k classification",
-        responses={200: {"model": ClassifyResponse}, **ERRORS},
-        openapi_extra=openapi_extra(ClassifyOptions),
-    )
-    _router.add_api_route(
+_POST_ROUTES = (  # path, handler, summary, response model, options model
+    ("/embed", embed, "Image embeddings", EmbedResponse, EmbedOptions),
+    ("/classify", classify, "Top-k classification", ClassifyResponse, ClassifyOptions),
+    (
         "/reconstruct",
         reconstruct,
-        methods=["POST"],
-        summary="Masked reconstruction (PNG images)",
-        responses={200: {"model": ReconstructResponse}, **ERRORS},
-        openapi_extra=openapi_extra(ReconstructOptions),
-    )
+        "Masked reconstruction (PNG images)",
+        ReconstructResponse,
+        ReconstructOptions,
+    ),
+)
+for _router in (v1, aliases):
+    for _path, _handler, _summary, _response, _options_model in _POST_ROUTES:
+        _router.add_api_route(
+            _path,
+            _handler,
+            methods=["POST"],
+            summary=_summary,
+            responses={200: {"model": _response}, **ERRORS},
+            openapi_extra=openapi_extra(_options_model),
+        )
 
 
 @v1.get("/info", summary="Model card, backend, limits and batching")

@@ -68,9 +68,14 @@ class EmbeddingItem(BaseModel):
     shape: list[int]
 
 
-class EmbedResponse(BaseModel):
+class ListResponse(BaseModel):
+    """What every image route answers: a list (OpenAI's envelope) of per-image items, for the named model."""
+
     object: Literal["list"] = "list"
     model: str
+
+
+class EmbedResponse(ListResponse):
     pooling: str
     normalized: bool
     encoding_format: str
@@ -90,9 +95,7 @@ class ClassificationItem(BaseModel):
     predictions: list[Prediction]
 
 
-class ClassifyResponse(BaseModel):
-    object: Literal["list"] = "list"
-    model: str
+class ClassifyResponse(ListResponse):
     data: list[ClassificationItem | FailedItem]
     usage: Usage
 
@@ -118,9 +121,7 @@ class ReconstructionItem(BaseModel):
     images: ReconstructionImages
 
 
-class ReconstructResponse(BaseModel):
-    object: Literal["list"] = "list"
-    model: str
+class ReconstructResponse(ListResponse):
     data: list[ReconstructionItem | FailedItem]
     usage: Usage
 

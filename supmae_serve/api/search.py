@@ -32,8 +32,6 @@ from fastapi.responses import Response
 from prometheus_client import Histogram
 from pydantic import BaseModel, Field
 
-from supmae_serve.backends.base import CapabilityError
-from supmae_serve.batching import BatcherClosedError, QueueFullError, RequestTimeout
 from supmae_serve.features.gallery import INDEX_CHOICES, load_served_index, resolve_index_spec
 from supmae_serve.model import ModelCard
 from supmae_serve.preprocess import ImageError
@@ -41,9 +39,17 @@ from supmae_serve.redact import redact_paths
 from supmae_serve.settings import Settings
 
 from .errors import ApiError
-from .inputs import images_from_json, load_json, parse_request, read_body
+from .inputs import images_from_json, load_json, parse_request, read_body, too_many_images
 from .metrics import LATENCY_BUCKETS, ServiceMetrics
-from .routes import ERRORS, _error_item, _json, _options, _status, require_api_key
+from .routes import (
+    ERRORS,
+    _error_item,
+    _json,
+    _options,
+    _status,
+    require_api_key,
+    service_errors,
+)
 from .schemas import ErrorResponse
 from .service import InferenceService
 
@@ -238,15 +244,11 @@ async def _embed(request: Request, service: InferenceService, items: list, pooli
     if not items:
         raise ApiError(422, "no_images", "no images or vectors in the request")
     if len(items) > service.request_limits.max_images:
-        raise ApiError(
-            413,
-            "too_many_images",
-            f"request has {len(items)} images; the limit is {service.request_limits.max_images} images per request",
-        )
+        raise too_many_images(len(items), service.request_limits)
     timeout_s = service.settings.request_timeout_s
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    try:
+    with service_errors(timeout_s):
         service.require("embed")
         service.check_capacity(len(items))
         prepared = await asyncio.wait_for(service.prepare(items), timeout_s)
@@ -254,14 +256,6 @@ async def _embed(request: Request, service: InferenceService, items: list, pooli
         remaining = max(deadline - loop.time(), 0.001)
         payloads = [(x, None) for _, x in good]
         results = await service.infer(("embed", pooling), payloads, remaining) if good else []
-    except QueueFullError as e:
-        raise ApiError(429, "queue_full", str(e), {"Retry-After": str(e.retry_after_s)}) from e
-    except BatcherClosedError as e:
-        raise ApiError(503, "unavailable", f"not accepting work: {e}", {"Retry-After": "5"}) from e
-    except (RequestTimeout, asyncio.TimeoutError) as e:
-        raise ApiError(504, "timeout", f"no result within the request timeout of {timeout_s:g} s") from e
-    except CapabilityError as e:
-        raise ApiError(422, "capability_unavailable", str(e)) from e
     service.metrics.images.labels("search", "ok").inc(len(good))
     service.metrics.images.labels("search", "error").inc(len(prepared) - len(good))
     headers = {}

@@ -23,6 +23,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from supmae_serve.common.args import config_from_args
 from supmae_serve.common.files import DataError
 from supmae_serve.settings import BACKENDS, DEFAULT_MODEL
 
@@ -188,28 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args) -> int:
     from .bulk import EmbedConfig, embed_inputs
 
-    cfg = EmbedConfig(
-        input=args.input,
-        out=args.out,
-        model=args.model,
-        export_dir=args.export_dir,
-        backend=args.backend,
-        device=args.device,
-        precision=args.precision,
-        threads=args.threads,
-        input_kind=args.input_kind,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        shard_size=args.shard_size,
-        pooling=args.pooling,
-        normalize=args.normalize,
-        dtype=args.dtype,
-        strict=args.strict,
-        limits=_limits(args),
-        progress=args.progress,
-        wait_timeout_s=args.wait_timeout_s,
-        command=args.command_line,
-    )
+    cfg = config_from_args(EmbedConfig, args, limits=_limits(args), command=args.command_line)
     print(json.dumps(embed_inputs(cfg), indent=2))
     return 0
 
@@ -217,18 +197,12 @@ def _run(args) -> int:
 def _index(args) -> int:
     from .index import IndexConfig, add_to_index, build_index
 
-    cfg = IndexConfig(
-        kind=args.kind,
-        exact_max_floats=args.exact_max_floats,
+    cfg = config_from_args(
+        IndexConfig,
+        args,
         max_memory_bytes=int(args.max_memory_gb * 2**30),
-        recall_target=args.recall_target,
         tune_queries=args.queries // 2,
         eval_queries=args.queries,
-        hnsw_m=args.hnsw_m,
-        nlist=args.nlist,
-        seed=args.seed,
-        threads=args.threads,
-        relative_sources=args.relative_sources,
         command=args.command_line,
     )
     m = add_to_index(args.out, args.features, cfg) if args.add else build_index(args.features, args.out, cfg)
