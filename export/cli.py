@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from supmae_serve.common.args import config_from_args
 from supmae_serve.model import CheckpointError
 
 from .onnx import DEFAULT_OPSET, ExportError
@@ -100,31 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> ExportConfig:
-    return ExportConfig(
-        checkpoint=args.checkpoint,
-        out=args.out,
+def export_config(args: argparse.Namespace) -> ExportConfig:
+    """The flags named like ExportConfig's fields go straight in; these are converted, negated or nested."""
+    return config_from_args(
+        ExportConfig,
+        args,
         formats=tuple(dict.fromkeys(args.format)),
         precisions=tuple(dict.fromkeys(args.precision)),
         optimize=not args.no_optimize,
         reconstruct=not args.no_reconstruct,
-        opset=args.opset,
-        calib_data=args.calib_data,
-        calib_images=args.calib_images,
         verify=not args.no_verify,
-        verify_images=args.verify_images,
         latency=not args.no_latency,
-        latency_batches=args.latency_batches,
-        threads=args.threads,
         quantize=QuantizeConfig(),
-        tensorrt=args.tensorrt,
         trt_precisions=tuple(dict.fromkeys(args.trt_precision)),
         profile=Profile(1, args.opt_batch, args.max_batch),
-        timing_cache=args.timing_cache,
-        workspace_gb=args.workspace_gb,
-        triton=args.triton,
-        triton_name=args.triton_name,
-        seed=args.seed,
     )
 
 
@@ -132,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        cfg = config_from_args(args)
+        cfg = export_config(args)
     except ValueError as e:
         parser.error(str(e))  # exits 2 with the usage line
     try:

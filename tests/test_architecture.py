@@ -149,3 +149,63 @@ def test_model_input_is_preprocessed_only_in_preprocess_py():
     assert unexplained == [], f"resize/normalise outside supmae_serve/preprocess.py: {unexplained}"
     stale = sorted(k for k in NOT_MODEL_INPUT if k not in outside)
     assert stale == [], f"listed in NOT_MODEL_INPUT but no longer called there: {stale}"
+
+
+# The helpers every package shares live once, in supmae_serve/common; nothing else defines them again (by name,
+# leading underscores ignored; `optional.require` is left out: capability checks are also called `require`), and the
+# machine facts they read (/proc/cpuinfo) and the process-wide tables they hold are read nowhere else.
+SHARED_HELPERS = {
+    "supmae_serve/common/files.py": ("atomic_write", "atomic_write_text", "scan_images", "sha256_file"),
+    "supmae_serve/common/versions.py": ("software_versions", "package_versions"),
+    "supmae_serve/common/system.py": (
+        "cpu_name",
+        "cpu_flags",
+        "cpu_features",
+        "resolve_device",
+        "peak_rss_bytes",
+    ),
+    "supmae_serve/common/optional.py": ("install_hint", "MissingDependency"),
+    "supmae_serve/common/progress.py": ("Progress",),
+    "supmae_serve/common/args.py": ("config_from_args",),
+}
+CODE_FOLDERS = ("supmae_serve", "training", "export", "app", "benchmarks")
+
+
+def _definitions() -> dict[str, list[str]]:
+    where: dict[str, list[str]] = {}
+    for folder in CODE_FOLDERS:
+        for py in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(py.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    name = node.name.lstrip("_")
+                    where.setdefault(name, []).append(str(py.relative_to(ROOT)))
+    return where
+
+
+def test_shared_helpers_are_defined_only_in_common():
+    where = _definitions()
+    copies = [
+        f"{name} defined in {f} (its home: {home})"
+        for home, names in SHARED_HELPERS.items()
+        for name in names
+        for f in where.get(name, [])
+        if f != home
+    ]
+    assert copies == []
+    missing = [
+        f"{home}: {n}"
+        for home, names in SHARED_HELPERS.items()
+        for n in names
+        if home not in where.get(n, [])
+    ]
+    assert missing == []  # the table names real definitions
+
+
+def test_cpuinfo_is_read_only_by_common_system():
+    readers = [
+        str(py.relative_to(ROOT))
+        for folder in CODE_FOLDERS
+        for py in (ROOT / folder).rglob("*.py")
+        if "/proc/cpuinfo" in py.read_text()
+    ]
+    assert readers == ["supmae_serve/common/system.py"]
