@@ -35,7 +35,8 @@ ARG DEVICE
 ARG TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
 ARG TORCH_INDEX_CUDA=https://download.pytorch.org/whl/cu128
 ARG TORCH_INDEX_CPU=https://download.pytorch.org/whl/cpu
-ARG EXTRAS=demo
+# demo: gradio; features: faiss-cpu + pyarrow, so /v1/search serves the shipped gallery as `make serve` does
+ARG EXTRAS=demo,features
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
