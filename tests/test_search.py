@@ -343,3 +343,30 @@ def test_relative_sources_survive_adding_a_feature_set_and_the_cli_records_its_c
     # the index and the images move together: a copy of the whole tree still resolves
     shutil.copytree(tmp_path / "copy", tmp_path / "moved")
     assert SourceFiles(tmp_path / "moved" / "index", index.manifest).path(index.sources[0]).is_file()
+
+
+def test_large_search_bodies_are_parsed_off_the_event_loop(client, monkeypatch):
+    """As on the image routes: a JSON body over inputs.PARSE_OFF_LOOP_BYTES is parsed on the decode pool."""
+    import threading
+
+    from supmae_serve.api import inputs, search
+
+    threads = []
+    parse = search._parse_json
+
+    def recording(body, limits):
+        threads.append(threading.current_thread().name)
+        return parse(body, limits)
+
+    monkeypatch.setattr(search, "_parse_json", recording)
+    dim = client.get("/v1/info").json()["index"]["dim"]
+    rng = np.random.default_rng(0)
+    small = rng.standard_normal((1, dim)).round(3).tolist()
+    big = (
+        json.dumps({"vectors": small, "top_k": 2}) + " " * inputs.PARSE_OFF_LOOP_BYTES
+    )  # valid JSON, > limit
+    assert client.post("/v1/search", json={"vectors": small, "top_k": 2}).status_code == 200
+    r = client.post("/v1/search", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 200
+    assert not threads[0].startswith("supmae-decode")  # small: parsed in place
+    assert threads[1].startswith("supmae-decode")

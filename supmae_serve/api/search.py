@@ -39,7 +39,14 @@ from supmae_serve.redact import redact_paths
 from supmae_serve.settings import Settings
 
 from .errors import ApiError
-from .inputs import images_from_json, load_json, parse_request, read_body, too_many_images
+from .inputs import (
+    PARSE_OFF_LOOP_BYTES,
+    images_from_json,
+    load_json,
+    parse_request,
+    read_body,
+    too_many_images,
+)
 from .metrics import LATENCY_BUCKETS, ServiceMetrics
 from .routes import (
     ERRORS,
@@ -220,22 +227,28 @@ class Search:
 
 
 # ---------------------------------------------------------------------------- the route
+def _parse_json(body: bytes, limits) -> tuple[list | None, Any, dict]:
+    doc = load_json(body)
+    if isinstance(doc, dict) and "vectors" in doc:
+        if "images" in doc or "image" in doc:
+            raise ApiError(422, "invalid_request", "give either images or vectors in one request, not both")
+        vectors = doc.pop("vectors")
+        return vectors, None, doc
+    parsed = images_from_json(doc, limits)
+    return None, parsed.items, parsed.options
+
+
 async def _parse(request: Request, service: InferenceService) -> tuple[list | None, Any, dict]:
-    """(vectors or None, image items or None, options) from any accepted body."""
+    """(vectors or None, image items or None, options) from any accepted body; large JSON bodies are parsed
+    on the service's decode pool, as on the image routes (inputs.PARSE_OFF_LOOP_BYTES)."""
     limits = service.request_limits
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media == "application/json" or media.endswith("+json"):
-        doc = load_json(await read_body(request, limits.max_request_bytes))
-        if isinstance(doc, dict) and "vectors" in doc:
-            if "images" in doc or "image" in doc:
-                raise ApiError(
-                    422, "invalid_request", "give either images or vectors in one request, not both"
-                )
-            vectors = doc.pop("vectors")
-            return vectors, None, doc
-        parsed = images_from_json(doc, limits)
-    else:
-        parsed = await parse_request(request, limits)
+        body = await read_body(request, limits.max_request_bytes)
+        if len(body) > PARSE_OFF_LOOP_BYTES:
+            return await service.run_blocking(_parse_json, body, limits)
+        return _parse_json(body, limits)
+    parsed = await parse_request(request, limits, service.run_blocking)
     return None, parsed.items, parsed.options
 
 
